@@ -1,0 +1,111 @@
+"""Id tables that grow without restart: raw int64 ids → dense rows, and embeddings whose rows follow them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class IdIndex:
+    """Maps raw int64 ids to dense row numbers 0..n-1 in order of first appearance.
+
+    >>> idx = IdIndex()
+    >>> idx.add(np.array([42, 7, 42])).tolist()
+    [0, 1, 0]
+    >>> idx.lookup(np.array([7])).tolist(), len(idx)
+    ([1], 2)
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, int] = {}
+        self._ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, raw_id: int) -> bool:
+        return int(raw_id) in self._rows
+
+    def add(self, raw_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``raw_ids``, assigning new rows to ids not seen before."""
+        rows = self._rows
+        out = np.empty(len(raw_ids), dtype=np.int64)
+        for i, raw in enumerate(raw_ids.tolist()):
+            row = rows.get(raw)
+            if row is None:
+                row = rows[raw] = len(self._ids)
+                self._ids.append(raw)
+            out[i] = row
+        return out
+
+    def lookup(self, raw_ids: np.ndarray) -> np.ndarray:
+        """Rows of known ids; raises KeyError naming the first unknown id."""
+        rows = self._rows
+        return np.fromiter((rows[r] for r in raw_ids.tolist()), dtype=np.int64, count=len(raw_ids))
+
+    def ids(self) -> np.ndarray:
+        """All known raw ids, in row order."""
+        return np.asarray(self._ids, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        """The ids in row order (enough to rebuild the map)."""
+        return {"ids": torch.from_numpy(self.ids())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rebuild from ``state_dict()``."""
+        self._ids = [int(x) for x in state["ids"].tolist()]
+        self._rows = {raw: row for row, raw in enumerate(self._ids)}
+
+
+class GrowableEmbedding(torch.nn.Module):
+    """A sparse-gradient embedding table whose capacity doubles as ids arrive.
+
+    Rows beyond ``n_used`` are allocated but untouched. ``grow_to`` returns True when the
+    underlying parameter was replaced, so the owner can rebuild its optimiser.
+    """
+
+    def __init__(self, dim: int, capacity: int = 1024, init_std: float = 0.1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.init_std = init_std
+        self.weight = torch.nn.Parameter(torch.randn(capacity, dim) * init_std)
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated."""
+        return self.weight.shape[0]
+
+    def grow_to(self, n_rows: int) -> bool:
+        """Ensure at least ``n_rows`` rows; new rows are random, old rows keep their values."""
+        if n_rows <= self.capacity:
+            return False
+        new_cap = self.capacity
+        while new_cap < n_rows:
+            new_cap *= 2
+        old = self.weight.data
+        extra = torch.randn(new_cap - old.shape[0], self.dim, device=old.device) * self.init_std
+        self.weight = torch.nn.Parameter(torch.cat([old, extra]))
+        return True
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the table, with sparse gradients."""
+        return torch.nn.functional.embedding(rows, self.weight, sparse=True)
+
+
+def regrow_optimizer_state(
+    optimizer: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter
+) -> None:
+    """Swap ``old`` for ``new`` in ``optimizer``, zero-padding its per-row state (e.g. Adam moments)."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    grown = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]:
+            pad = torch.zeros(new.shape[0] - value.shape[0], *value.shape[1:], dtype=value.dtype, device=value.device)
+            grown[key] = torch.cat([value, pad])
+        else:
+            grown[key] = value
+    optimizer.state[new] = grown

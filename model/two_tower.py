@@ -1,0 +1,158 @@
+"""The first model: user and item id embeddings trained with an in-batch sampled-softmax retrieval loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.base import Batch, TrainReport
+from model.frequency import ItemFrequency
+from model.losses import sampled_softmax
+from model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def finite_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+    """Backpropagate ``loss`` and step only if the loss and every gradient are finite.
+
+    Returns False (weights untouched, gradients cleared) when anything is NaN or inf.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            values = g.coalesce().values() if g.is_sparse else g
+            if not torch.isfinite(values).all():
+                optimizer.zero_grad(set_to_none=True)
+                return False
+    optimizer.step()
+    return True
+
+
+class TwoTowerModel:
+    """Id embeddings for users and items; in-batch softmax with logQ correction and hit masking.
+
+    Each ``fit_batch`` runs ``steps_per_batch`` passes over the batch in chunks of at most
+    ``max_step_size`` events. New ids grow the tables (and the optimiser state) in place.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        lr: float = 0.05,
+        temperature: float = 0.1,
+        steps_per_batch: int = 1,
+        max_step_size: int = 1024,
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.dim = dim
+        self.lr = lr
+        self.temperature = temperature
+        self.steps_per_batch = steps_per_batch
+        self.max_step_size = max_step_size
+        self.device = pick_device(device)
+        self.users = IdIndex()
+        self.items = IdIndex()
+        self.user_table = GrowableEmbedding(dim).to(self.device)
+        self.item_table = GrowableEmbedding(dim).to(self.device)
+        self.frequency = ItemFrequency()
+        self._optimizer = self._new_optimizer()
+        self._version = 0
+        self._rng = np.random.default_rng(seed)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SparseAdam([self.user_table.weight, self.item_table.weight], lr=self.lr)
+
+    @property
+    def version(self) -> int:
+        """Optimiser steps applied so far."""
+        return self._version
+
+    def _grow(self, table: GrowableEmbedding, n_rows: int) -> None:
+        old = table.weight
+        if table.grow_to(n_rows):
+            regrow_optimizer_state(self._optimizer, old, table.weight)
+
+    def fit_batch(self, batch: Batch) -> TrainReport:
+        """Train on ``batch``; returns the mean loss over the steps that were applied."""
+        u_rows = self.users.add(batch.user_ids)
+        i_rows = self.items.add(batch.item_ids)
+        self._grow(self.user_table, len(self.users))
+        self._grow(self.item_table, len(self.items))
+        self.frequency.update(i_rows)
+        losses, skipped = [], 0
+        for _ in range(self.steps_per_batch):
+            order = self._rng.permutation(len(batch))
+            for start in range(0, len(order), self.max_step_size):
+                idx = order[start : start + self.max_step_size]
+                loss = self._loss(u_rows[idx], i_rows[idx], batch.weights[idx])
+                if finite_step(self._optimizer, loss):
+                    self._version += 1
+                    losses.append(loss.item())
+                else:
+                    skipped += 1
+        mean = float(np.mean(losses)) if losses else float("nan")
+        return TrainReport(loss=mean, steps=len(losses), task_losses={"retrieval": mean}, skipped_steps=skipped)
+
+    def _loss(self, u_rows: np.ndarray, i_rows: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+        dev = self.device
+        u = F.normalize(self.user_table(torch.from_numpy(u_rows).to(dev)), dim=-1)
+        i_t = torch.from_numpy(i_rows).to(dev)
+        v = F.normalize(self.item_table(i_t), dim=-1)
+        log_q = torch.from_numpy(self.frequency.log_q(i_rows)).float().to(dev)
+        w = torch.from_numpy(weights).to(dev)
+        return sampled_softmax(u, v, i_t, self.temperature, log_q=log_q, weights=w)
+
+    @torch.no_grad()
+    def _embed(self, table: GrowableEmbedding, index: IdIndex, ids: np.ndarray) -> np.ndarray:
+        rows = torch.from_numpy(index.lookup(np.asarray(ids, dtype=np.int64))).to(self.device)
+        return F.normalize(table.weight[rows], dim=-1).cpu().numpy().astype(np.float32)
+
+    def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
+        """L2-normalised user vectors."""
+        return self._embed(self.user_table, self.users, user_ids)
+
+    def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
+        """L2-normalised item vectors."""
+        return self._embed(self.item_table, self.items, item_ids)
+
+    def known_items(self) -> np.ndarray:
+        """Item ids seen so far."""
+        return self.items.ids()
+
+    def state_dict(self) -> dict:
+        """Tables, id maps, frequency estimate, optimiser state and version."""
+        return {
+            "users": self.users.state_dict(),
+            "items": self.items.state_dict(),
+            "user_table": self.user_table.weight.detach().cpu(),
+            "item_table": self.item_table.weight.detach().cpu(),
+            "frequency": self.frequency.state_dict(),
+            "optimizer": self._optimizer.state_dict(),
+            "version": self._version,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``."""
+        self.users.load_state_dict(state["users"])
+        self.items.load_state_dict(state["items"])
+        self.user_table.weight = torch.nn.Parameter(state["user_table"].to(self.device))
+        self.item_table.weight = torch.nn.Parameter(state["item_table"].to(self.device))
+        self.frequency.load_state_dict(state["frequency"])
+        self._optimizer = self._new_optimizer()
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._version = int(state["version"])

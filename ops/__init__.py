@@ -1,0 +1,1 @@
+"""Observation of the pipeline: Prometheus metrics, prequential recall, drift, dashboards and alert rules."""
