@@ -92,9 +92,7 @@ class GrowableEmbedding(torch.nn.Module):
         return torch.nn.functional.embedding(rows, self.weight, sparse=True)
 
 
-def regrow_optimizer_state(
-    optimizer: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter
-) -> None:
+def regrow_optimizer_state(optimizer: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
     """Swap ``old`` for ``new`` in ``optimizer``, zero-padding its per-row state (e.g. Adam moments)."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]

@@ -22,38 +22,132 @@ class PipelineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.events_consumed = Counter("ebrflow_events_consumed", "Records read from the events topic (valid or not).", registry=r)
+        self.events_consumed = Counter(
+            "ebrflow_events_consumed", "Records read from the events topic (valid or not).", registry=r
+        )
         self.events_trained = Counter("ebrflow_events_trained", "Valid events the model trained on.", registry=r)
-        self.events_invalid = Counter("ebrflow_events_invalid", "Records rejected by decoding/validation, by reason.", ["reason"], registry=r)
+        self.events_invalid = Counter(
+            "ebrflow_events_invalid", "Records rejected by decoding/validation, by reason.", ["reason"], registry=r
+        )
         self.dlq_events = Counter("ebrflow_dlq_events", "Records written to the dead-letter topic.", registry=r)
-        self.batches = Counter("ebrflow_batches", "Micro-batches processed end to end (trained, published, committed).", registry=r)
-        self.batch_duration = Histogram("ebrflow_batch_duration_seconds", "Wall time to process one micro-batch, all stages.", buckets=LATENCY_BUCKETS, registry=r)
-        self.stage_duration = Histogram("ebrflow_stage_duration_seconds", "Wall time per pipeline stage (evaluate, train, publish, commit).", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("ebrflow_batch_events", "Valid events per micro-batch.", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000), registry=r)
+        self.batches = Counter(
+            "ebrflow_batches", "Micro-batches processed end to end (trained, published, committed).", registry=r
+        )
+        self.batch_duration = Histogram(
+            "ebrflow_batch_duration_seconds",
+            "Wall time to process one micro-batch, all stages.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "ebrflow_stage_duration_seconds",
+            "Wall time per pipeline stage (evaluate, train, publish, commit).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ebrflow_batch_events",
+            "Valid events per micro-batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
         self.train_loss = Gauge("ebrflow_train_loss", "Mean total training loss of the last micro-batch.", registry=r)
         self.task_loss = Gauge("ebrflow_task_loss", "Last micro-batch's loss per model task.", ["task"], registry=r)
-        self.task_weight = Gauge("ebrflow_task_weight", "Last micro-batch's weight per model task (fixed or MGDA).", ["task"], registry=r)
+        self.task_weight = Gauge(
+            "ebrflow_task_weight", "Last micro-batch's weight per model task (fixed or MGDA).", ["task"], registry=r
+        )
         self.train_steps = Counter("ebrflow_train_steps", "Optimiser steps applied.", registry=r)
-        self.nonfinite_steps = Counter("ebrflow_nonfinite_steps", "Steps skipped because the loss or a gradient was NaN/inf.", registry=r)
-        self.model_version = Gauge("ebrflow_model_version", "Model version (optimiser steps) of the last published embeddings.", registry=r)
-        self.upsert_duration = Histogram("ebrflow_upsert_duration_seconds", "Wall time of one Milvus upsert call.", ["collection"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upserted = Counter("ebrflow_upserted_embeddings", "Embeddings upserted into Milvus.", ["collection"], registry=r)
-        self.indexed = Gauge("ebrflow_indexed_entities", "Distinct entities with a published embedding.", ["collection"], registry=r)
-        self.publish_errors = Counter("ebrflow_publish_errors", "Failed Milvus writes (retried with backoff).", registry=r)
-        self.last_publish = Gauge("ebrflow_last_publish_timestamp_seconds", "Unix time of the last successful publish.", registry=r)
-        self.consumer_lag = Gauge("ebrflow_consumer_lag", "Records behind the end of each partition (per the broker's end offsets).", ["partition"], registry=r)
-        self.freshness = Histogram("ebrflow_freshness_seconds", "Event time to its item's refreshed embedding being visible in Milvus.", buckets=FRESHNESS_BUCKETS, registry=r)
-        self.preq_evaluated = Counter("ebrflow_prequential_evaluated", "Events scored test-then-train (sampled when batches exceed the sample cap).", ["segment"], registry=r)
-        self.preq_hits = Counter("ebrflow_prequential_hits", "Scored events whose item was in the user's served top-K.", ["segment"], registry=r)
-        self.preq_ndcg = Counter("ebrflow_prequential_ndcg_sum", "Sum of NDCG@K over scored events (divide by evaluated).", ["segment"], registry=r)
-        self.preq_recall = Gauge("ebrflow_prequential_recall", "Recall@K of the last micro-batch, test-then-train, sampled when large.", ["segment"], registry=r)
-        self.embedding_shift = Histogram("ebrflow_embedding_shift_cosine", "Cosine distance between an entity's previous and refreshed published embedding.", ["collection"], buckets=DISTANCE_BUCKETS, registry=r)
-        self.neighbour_jaccard = Gauge("ebrflow_neighbour_jaccard", "Mean Jaccard@K of probe items' neighbour sets between consecutive published versions.", registry=r)
-        self.centroid_shift = Gauge("ebrflow_centroid_shift_cosine", "Cosine distance of the published item centroid from the reference window's centroid.", registry=r)
-        self.drift_detected = Counter("ebrflow_drift_detected", "Drift detector alarms, by monitored signal.", ["signal"], registry=r)
-        self.broker_errors = Counter("ebrflow_broker_errors", "Broker errors the consumer retried (poll, commit, produce).", ["op"], registry=r)
+        self.nonfinite_steps = Counter(
+            "ebrflow_nonfinite_steps", "Steps skipped because the loss or a gradient was NaN/inf.", registry=r
+        )
+        self.model_version = Gauge(
+            "ebrflow_model_version", "Model version (optimiser steps) of the last published embeddings.", registry=r
+        )
+        self.upsert_duration = Histogram(
+            "ebrflow_upsert_duration_seconds",
+            "Wall time of one Milvus upsert call.",
+            ["collection"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upserted = Counter(
+            "ebrflow_upserted_embeddings", "Embeddings upserted into Milvus.", ["collection"], registry=r
+        )
+        self.indexed = Gauge(
+            "ebrflow_indexed_entities", "Distinct entities with a published embedding.", ["collection"], registry=r
+        )
+        self.publish_errors = Counter(
+            "ebrflow_publish_errors", "Failed Milvus writes (retried with backoff).", registry=r
+        )
+        self.last_publish = Gauge(
+            "ebrflow_last_publish_timestamp_seconds", "Unix time of the last successful publish.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "ebrflow_consumer_lag",
+            "Records behind the end of each partition (per the broker's end offsets).",
+            ["partition"],
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "ebrflow_freshness_seconds",
+            "Event time to its item's refreshed embedding being visible in Milvus.",
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.preq_evaluated = Counter(
+            "ebrflow_prequential_evaluated",
+            "Events scored test-then-train (sampled when batches exceed the sample cap).",
+            ["segment"],
+            registry=r,
+        )
+        self.preq_hits = Counter(
+            "ebrflow_prequential_hits",
+            "Scored events whose item was in the user's served top-K.",
+            ["segment"],
+            registry=r,
+        )
+        self.preq_ndcg = Counter(
+            "ebrflow_prequential_ndcg_sum",
+            "Sum of NDCG@K over scored events (divide by evaluated).",
+            ["segment"],
+            registry=r,
+        )
+        self.preq_recall = Gauge(
+            "ebrflow_prequential_recall",
+            "Recall@K of the last micro-batch, test-then-train, sampled when large.",
+            ["segment"],
+            registry=r,
+        )
+        self.embedding_shift = Histogram(
+            "ebrflow_embedding_shift_cosine",
+            "Cosine distance between an entity's previous and refreshed published embedding.",
+            ["collection"],
+            buckets=DISTANCE_BUCKETS,
+            registry=r,
+        )
+        self.neighbour_jaccard = Gauge(
+            "ebrflow_neighbour_jaccard",
+            "Mean Jaccard@K of probe items' neighbour sets between consecutive published versions.",
+            registry=r,
+        )
+        self.centroid_shift = Gauge(
+            "ebrflow_centroid_shift_cosine",
+            "Cosine distance of the published item centroid from the reference window's centroid.",
+            registry=r,
+        )
+        self.drift_detected = Counter(
+            "ebrflow_drift_detected", "Drift detector alarms, by monitored signal.", ["signal"], registry=r
+        )
+        self.broker_errors = Counter(
+            "ebrflow_broker_errors", "Broker errors the consumer retried (poll, commit, produce).", ["op"], registry=r
+        )
         self.up = Gauge("ebrflow_trainer_up", "1 while the trainer loop runs.", registry=r)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> None:
-        """Expose the registry over HTTP at ``http://host:port/metrics`` (loopback unless configured)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
+        """Expose the registry at ``http://host:port/metrics`` (loopback unless configured); port 0 picks one.
+
+        Returns the bound port.
+        """
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -1,0 +1,167 @@
+"""Wiring: builds the broker, Kafka clients, model, Milvus publisher and observers from ``Settings``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebrflow.config import ModelConfig, Settings
+from indexer.milvus_store import MilvusStore, connect
+from indexer.publisher import Publisher
+from model.base import RetrievalModel
+from model.two_tower import TwoTowerModel
+from ops.history import HistoryWriter
+from ops.metrics import PipelineMetrics
+from ops.observer import MetricsObserver
+from ops.prequential import PrequentialEvaluator
+from stream.batcher import MicroBatcher
+from stream.broker import EmbeddedBroker
+from stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from stream.pipeline import Pipeline, RunSummary
+from stream.schema import EventCodec
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ModelConfig) -> RetrievalModel:
+    """The configured model; ``options`` are passed to its constructor as extra keyword arguments."""
+    common = dict(
+        dim=cfg.dim,
+        lr=cfg.lr,
+        temperature=cfg.temperature,
+        steps_per_batch=cfg.steps_per_batch,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
+    if cfg.kind == "ssmtl":
+        from model.ssmtl import SSMTLModel
+
+        return SSMTLModel(**common, **cfg.options)
+    return TwoTowerModel(**common, **cfg.options)
+
+
+@contextlib.contextmanager
+def kafka_endpoint(settings: Settings) -> Iterator[str]:
+    """The configured bootstrap servers, or an embedded Tansu broker for the duration of the block."""
+    if settings.kafka.bootstrap_servers:
+        yield settings.kafka.bootstrap_servers
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+def open_store(settings: Settings) -> MilvusStore:
+    """Connect to Milvus and make sure the collections exist and are loaded."""
+    client = connect(settings.milvus.uri, settings.milvus.token.get_secret_value())
+    store = MilvusStore(
+        client,
+        settings.model.dim,
+        settings.milvus.collection_prefix,
+        settings.milvus.index_type,
+        settings.milvus.seen_capacity,
+        settings.milvus.flush_interval_s,
+    )
+    store.ensure_collections()
+    return store
+
+
+@dataclass
+class Trainer:
+    """A ready-to-run pipeline plus the pieces tests and the CLI inspect afterwards."""
+
+    pipeline: Pipeline
+    model: RetrievalModel
+    store: MilvusStore
+    publisher: Publisher
+    metrics: PipelineMetrics
+    observer: MetricsObserver
+    metrics_port: int | None
+
+    def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
+        """Run the loop (SIGINT/SIGTERM finish the current batch and stop) and flush Milvus at the end."""
+        self.metrics.up.set(1)
+        previous = _install_stop_handlers(self.pipeline.stop)
+        try:
+            summary = self.pipeline.run(max_events=max_events, idle_exit_s=idle_exit_s)
+        finally:
+            _restore_handlers(previous)
+            self.metrics.up.set(0)
+            self.store.flush_if_due(force=True)
+        total = self.observer.evaluator.total
+        summary.extra.update(
+            recall=total.all.recall or 0.0,
+            recall_cold=total.cold.recall or 0.0,
+            recall_warm=total.warm.recall or 0.0,
+            recall_recent=self.observer.recent_recall() or 0.0,
+            items_indexed=len(self.publisher.items),
+            users_indexed=len(self.publisher.users),
+        )
+        return summary
+
+    def close(self) -> None:
+        """Close the Kafka clients, the history file and the Milvus connection."""
+        with contextlib.suppress(Exception):
+            self.pipeline.consumer.close()
+        with contextlib.suppress(Exception):
+            self.pipeline.dlq.producer.close(timeout=5)
+        if self.observer.history is not None:
+            self.observer.history.close()
+        with contextlib.suppress(Exception):
+            self.store.client.close()
+
+
+def build_trainer(
+    settings: Settings,
+    bootstrap_servers: str,
+    model: RetrievalModel | None = None,
+    metrics: PipelineMetrics | None = None,
+) -> Trainer:
+    """Assemble the pipeline against ``bootstrap_servers`` (topics are created if missing)."""
+    k = settings.kafka
+    client_kwargs = k.client_kwargs()
+    ensure_topics(bootstrap_servers, {k.topic: k.partitions, k.topic + DLQ_SUFFIX: 1}, client_kwargs)
+    model = model or build_model(settings.model)
+    store = open_store(settings)
+    publisher = Publisher(store)
+    metrics = metrics or PipelineMetrics()
+    port = None
+    if settings.metrics.enabled:
+        port = metrics.serve(settings.metrics.host, settings.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
+    evaluator = PrequentialEvaluator(
+        publisher.items,
+        publisher.users,
+        publisher.seen,
+        k=settings.metrics.recall_k,
+        cold_max_events=settings.metrics.cold_start_max_events,
+        sample=settings.metrics.eval_sample,
+    )
+    history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
+    observer = MetricsObserver(metrics, evaluator, history=history)
+    consumer = make_consumer(
+        bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
+    )
+    dlq = DeadLetterWriter(make_producer(bootstrap_servers, client_kwargs), k.topic)
+    batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
+    codec = EventCodec(max_bytes=k.max_event_bytes)
+    pipeline = Pipeline(consumer, k.topic, codec, dlq, model, publisher, batcher, observer)
+    return Trainer(pipeline, model, store, publisher, metrics, observer, port)
+
+
+def _install_stop_handlers(stop: callable) -> dict:  # type: ignore[valid-type]
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda *_: stop())
+    return previous
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

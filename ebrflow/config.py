@@ -1,0 +1,137 @@
+"""Settings: one TOML file plus ``EBRFLOW_<SECTION>__<KEY>`` environment overrides (env wins)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class KafkaConfig(BaseModel):
+    """Where events come from. Empty ``bootstrap_servers`` starts the embedded Tansu broker."""
+
+    bootstrap_servers: str = ""
+    topic: str = "ebrflow.events"
+    group_id: str = "ebrflow-trainer"
+    partitions: int = Field(4, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_cafile: str = ""
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    max_event_bytes: int = Field(64 * 1024, ge=64)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """kafka-python security arguments (only those that are set)."""
+        kw: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kw.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password.get_secret_value(),
+            )
+        if self.ssl_cafile:
+            kw["ssl_cafile"] = self.ssl_cafile
+        return kw
+
+
+class BatchConfig(BaseModel):
+    """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first."""
+
+    max_events: int = Field(1024, ge=1)
+    max_wait_ms: int = Field(1000, ge=1)
+
+
+class ModelConfig(BaseModel):
+    """Which model and its main knobs (``two_tower``: id embeddings; ``ssmtl``: graph encoder + SSL tasks)."""
+
+    kind: Literal["two_tower", "ssmtl"] = "two_tower"
+    dim: int = Field(64, ge=2)
+    lr: float = Field(0.05, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    steps_per_batch: int = Field(1, ge=1)
+    device: str = "auto"
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
+
+
+class MilvusConfig(BaseModel):
+    """Where embeddings go: a Milvus Lite path, or ``http(s)://host:19530`` with an optional token."""
+
+    uri: str = "ebrflow_data/milvus.db"
+    token: SecretStr = SecretStr("")
+    collection_prefix: str = "ebrflow"
+    index_type: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = "FLAT"
+    seen_capacity: int = Field(1024, ge=1, le=4096)
+    flush_interval_s: float = Field(30.0, gt=0)
+
+
+class MetricsConfig(BaseModel):
+    """The Prometheus endpoint (loopback by default) and the prequential evaluation."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+    enabled: bool = True
+    recall_k: int = Field(20, ge=1)
+    cold_start_max_events: int = Field(5, ge=0)
+    eval_sample: int = Field(256, ge=1)
+
+
+class RunConfig(BaseModel):
+    """Run-level files and schedules."""
+
+    data_dir: str = "ebrflow_data"
+    checkpoint_every_batches: int = Field(50, ge=1)
+    log_level: str = "INFO"
+
+
+class DemoConfig(BaseModel):
+    """The built-in synthetic stream used by ``ebrflow demo``."""
+
+    events: int = Field(60_000, ge=1)
+    users: int = Field(3000, ge=1)
+    items: int = Field(1500, ge=1)
+    communities: int = Field(12, ge=1)
+    seed: int = 7
+
+
+class Settings(BaseSettings):
+    """All of ebrflow's settings; see README's configuration table for every key."""
+
+    model_config = SettingsConfigDict(env_prefix="EBRFLOW_", env_nested_delimiter="__", extra="forbid")
+    toml_path: ClassVar[Path | None] = None
+
+    kafka: KafkaConfig = KafkaConfig()
+    batch: BatchConfig = BatchConfig()
+    model: ModelConfig = ModelConfig()
+    milvus: MilvusConfig = MilvusConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    run: RunConfig = RunConfig()
+    demo: DemoConfig = DemoConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, then environment, then the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
+        return tuple(sources)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from ``path`` (if given) with environment overrides, then explicit ``overrides`` on top."""
+    toml_path = Path(path) if path else None
+    if toml_path is not None and not toml_path.is_file():
+        raise FileNotFoundError(f"config file {toml_path} not found")
+    cls = type("FileSettings", (Settings,), {"toml_path": toml_path})
+    return cls(**overrides)

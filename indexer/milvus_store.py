@@ -1,0 +1,143 @@
+"""Milvus collections for item and user embeddings: schema, idempotent upserts, scheduled flushes, reads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+log = logging.getLogger(__name__)
+
+# Index types that Milvus Lite and standalone both load; others fail only at load time, so reject them early.
+SUPPORTED_INDEXES = {"FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"}
+
+
+def connect(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
+    """A client for a Milvus Lite path (created if missing) or a ``http(s)://host:port`` server."""
+    if "://" not in uri:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=timeout_s)
+    except Exception as exc:
+        if "://" not in uri:
+            raise RuntimeError(
+                f"could not open Milvus Lite at {uri!r} ({exc}). Milvus Lite allows one process per data dir: "
+                "stop the trainer, or serve it with `milvus-lite server --data-dir ...` and use its http:// URI."
+            ) from exc
+        raise
+
+
+class MilvusStore:
+    """The ``<prefix>_items`` and ``<prefix>_users`` collections.
+
+    Both: ``id`` INT64 primary key, ``embedding`` FLOAT_VECTOR(dim) under inner product (vectors are
+    L2-normalised, so IP is cosine), ``version`` INT64 (model step), ``updated_at`` INT64 (Unix ms).
+    Users also hold ``seen`` ARRAY<INT64> (recent items, excluded at query time).
+    """
+
+    def __init__(
+        self,
+        client: MilvusClient,
+        dim: int,
+        prefix: str = "ebrflow",
+        index_type: str = "FLAT",
+        seen_capacity: int = 1024,
+        flush_interval_s: float = 30.0,
+    ) -> None:
+        if index_type not in SUPPORTED_INDEXES:
+            raise ValueError(f"index_type {index_type!r} not in {sorted(SUPPORTED_INDEXES)}")
+        if not 1 <= seen_capacity <= 4096:
+            raise ValueError("seen_capacity must be in 1..4096 (Milvus array capacity)")
+        self.client = client
+        self.dim = dim
+        self.items = f"{prefix}_items"
+        self.users = f"{prefix}_users"
+        self.index_type = index_type
+        self.seen_capacity = seen_capacity
+        self.flush_interval_s = flush_interval_s
+        self._last_flush = time.monotonic()
+
+    def ensure_collections(self) -> None:
+        """Create missing collections (checking the dimension of existing ones) and load them."""
+        for name, with_seen in ((self.items, False), (self.users, True)):
+            if self.client.has_collection(name):
+                desc = self.client.describe_collection(name)
+                dims = [f["params"].get("dim") for f in desc["fields"] if f["name"] == "embedding"]
+                if dims and int(dims[0]) != self.dim:
+                    raise ValueError(f"collection {name} has dim {dims[0]}, model has {self.dim}")
+            else:
+                self.client.create_collection(name, schema=self._schema(with_seen), index_params=self._index())
+                log.info("created Milvus collection %s (dim %d, %s)", name, self.dim, self.index_type)
+            self.client.load_collection(name)
+
+    def _schema(self, with_seen: bool):  # noqa: ANN202 - pymilvus returns its own schema type
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("version", DataType.INT64)
+        schema.add_field("updated_at", DataType.INT64)
+        if with_seen:
+            schema.add_field("seen", DataType.ARRAY, element_type=DataType.INT64, max_capacity=self.seen_capacity)
+        return schema
+
+    def _index(self):  # noqa: ANN202
+        params = self.client.prepare_index_params()
+        extra = {"HNSW": {"M": 16, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}}.get(self.index_type, {})
+        params.add_index("embedding", index_type=self.index_type, metric_type="IP", params=extra)
+        return params
+
+    def upsert(
+        self, collection: str, ids: np.ndarray, vectors: np.ndarray, version: int, seen: list[np.ndarray] | None = None
+    ) -> None:
+        """Write rows (idempotent: the same id overwrites). ``seen`` only for the users collection."""
+        if len(ids) == 0:
+            return
+        now = int(time.time() * 1000)
+        rows = []
+        for i, (raw, vec) in enumerate(zip(ids.tolist(), vectors.tolist())):
+            row = {"id": raw, "embedding": vec, "version": version, "updated_at": now}
+            if seen is not None:
+                row["seen"] = seen[i][-self.seen_capacity :].tolist()
+            rows.append(row)
+        self.client.upsert(collection, rows)
+
+    def flush_if_due(self, force: bool = False) -> bool:
+        """Flush both collections every ``flush_interval_s`` (unflushed rows are searched on a slow path)."""
+        if not force and time.monotonic() - self._last_flush < self.flush_interval_s:
+            return False
+        for name in (self.items, self.users):
+            self.client.flush(name)
+        self._last_flush = time.monotonic()
+        return True
+
+    def get(
+        self, collection: str, ids: list[int], fields: tuple[str, ...] = ("embedding", "version")
+    ) -> dict[int, dict]:
+        """Rows by id (missing ids are absent from the result)."""
+        if not ids:
+            return {}
+        rows = self.client.get(collection, ids=ids, output_fields=list(fields))
+        return {int(r["id"]): r for r in rows}
+
+    def count(self, collection: str) -> int:
+        """Number of distinct ids in a collection."""
+        res = self.client.query(collection, filter="id >= 0", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def search(
+        self, collection: str, vector: np.ndarray, k: int, exclude: list[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """Top-``k`` (id, score) by inner product, skipping ``exclude``."""
+        flt = f"id not in {list(map(int, exclude))}" if exclude else ""
+        res = self.client.search(
+            collection,
+            data=[np.asarray(vector, np.float32).tolist()],
+            limit=k,
+            filter=flt,
+            anns_field="embedding",
+            search_params={"metric_type": "IP"},
+        )
+        return [(int(hit["id"]), float(hit["distance"])) for hit in res[0]]

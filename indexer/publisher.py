@@ -1,0 +1,65 @@
+"""Publishing a trained batch: fresh embeddings of touched items and users to Milvus, mirrored in process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexer.milvus_store import MilvusStore
+from indexer.mirror import EmbeddingMirror
+from indexer.seen import SeenItems
+
+
+@dataclass
+class Published:
+    """What one publish changed: ids and their previous served vectors (for drift), per collection."""
+
+    item_ids: np.ndarray
+    item_previous: np.ndarray
+    item_existed: np.ndarray
+    item_vectors: np.ndarray
+    user_ids: np.ndarray
+    user_previous: np.ndarray
+    user_existed: np.ndarray
+    user_vectors: np.ndarray
+    version: int
+
+
+class Publisher:
+    """Upserts embeddings and keeps ``items``/``users`` mirrors and the seen-items store equal to Milvus.
+
+    The mirrors and seen store change only after Milvus accepted the rows, so a failed publish
+    can be retried as a whole.
+    """
+
+    def __init__(self, store: MilvusStore, seen: SeenItems | None = None) -> None:
+        self.store = store
+        self.items = EmbeddingMirror(store.dim)
+        self.users = EmbeddingMirror(store.dim)
+        self.seen = seen or SeenItems(store.seen_capacity)
+
+    def publish(
+        self,
+        version: int,
+        item_ids: np.ndarray,
+        item_vectors: np.ndarray,
+        user_ids: np.ndarray,
+        user_vectors: np.ndarray,
+        interactions: tuple[np.ndarray, np.ndarray],
+    ) -> Published:
+        """Upsert items, then users with their updated seen lists; returns what changed."""
+        batch_users, batch_items = interactions
+        staged = SeenItems(self.seen.capacity)
+        for u in user_ids.tolist():
+            staged._seen[u] = self.seen.get(u)
+        staged.add(batch_users, batch_items)
+        seen_lists = [staged.get(u) for u in user_ids.tolist()]
+        self.store.upsert(self.store.items, item_ids, item_vectors, version)
+        self.store.upsert(self.store.users, user_ids, user_vectors, version, seen=seen_lists)
+        self.seen._seen.update(staged._seen)
+        item_prev, item_existed = self.items.update(item_ids, item_vectors)
+        user_prev, user_existed = self.users.update(user_ids, user_vectors)
+        return Published(
+            item_ids, item_prev, item_existed, item_vectors, user_ids, user_prev, user_existed, user_vectors, version
+        )

@@ -1,0 +1,48 @@
+"""The query client users call: top-K items for a user from the served embeddings, seen items excluded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from indexer.milvus_store import MilvusStore
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item and its cosine score."""
+
+    item_id: int
+    score: float
+
+
+class UnknownUser(KeyError):
+    """The user has no published embedding yet."""
+
+
+class QueryClient:
+    """Reads what the trainer published: ``recommend(user, k)`` and ``similar_items(item, k)``."""
+
+    def __init__(self, store: MilvusStore) -> None:
+        self.store = store
+
+    def recommend(self, user_id: int, k: int = 20, exclude_seen: bool = True) -> list[Recommendation]:
+        """The user's top-``k`` items by cosine, excluding items the user interacted with."""
+        rows = self.store.get(self.store.users, [int(user_id)], fields=("embedding", "seen"))
+        if int(user_id) not in rows:
+            raise UnknownUser(user_id)
+        row = rows[int(user_id)]
+        seen = [int(x) for x in row["seen"]] if exclude_seen else None
+        hits = self.store.search(self.store.items, np.asarray(row["embedding"], np.float32), k, exclude=seen)
+        return [Recommendation(i, s) for i, s in hits]
+
+    def similar_items(self, item_id: int, k: int = 20) -> list[Recommendation]:
+        """The ``k`` items closest to ``item_id`` (itself excluded)."""
+        rows = self.store.get(self.store.items, [int(item_id)], fields=("embedding",))
+        if int(item_id) not in rows:
+            raise KeyError(item_id)
+        hits = self.store.search(
+            self.store.items, np.asarray(rows[int(item_id)]["embedding"], np.float32), k, exclude=[int(item_id)]
+        )
+        return [Recommendation(i, s) for i, s in hits]

@@ -1,0 +1,1 @@
+"""Kafka I/O, the event schema, micro-batching, producers (synthetic and replay) and the consumer loop."""

@@ -1,0 +1,78 @@
+"""Micro-batching: events accumulate until the batch is full or its oldest event has waited long enough."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from model.base import Batch
+from stream.schema import Event
+
+
+class MicroBatcher:
+    """Collects decoded events plus the offsets they came from; closes by size or by time, whichever first.
+
+    Offsets of every record taken from Kafka (valid or dead-lettered) are tracked per partition so
+    the batch's commit covers them all.
+
+    >>> b = MicroBatcher(max_events=2, max_wait_s=60)
+    >>> b.add_offset(("t", 0), 5); b.add(Event(user_id=1, item_id=2, ts=3), 0.0)
+    >>> b.due(now=0.0), b.room()
+    (False, 1)
+    """
+
+    def __init__(self, max_events: int = 1024, max_wait_s: float = 1.0) -> None:
+        self.max_events = max_events
+        self.max_wait_s = max_wait_s
+        self._events: list[Event] = []
+        self._record_ts: list[int] = []
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._opened_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def room(self) -> int:
+        """How many more events fit."""
+        return self.max_events - len(self._events)
+
+    def add(self, event: Event, now: float | None = None, record_ts_ms: int = 0) -> None:
+        """Append a valid event (and the Kafka timestamp of its record, for freshness)."""
+        if self._opened_at is None:
+            self._opened_at = time.monotonic() if now is None else now
+        self._events.append(event)
+        self._record_ts.append(record_ts_ms)
+
+    def add_offset(self, topic_partition: tuple[str, int], offset: int) -> None:
+        """Record that ``offset`` of a partition was consumed into this batch (valid or not)."""
+        if self._opened_at is None:
+            self._opened_at = time.monotonic()
+        if offset >= self._offsets.get(topic_partition, -1):
+            self._offsets[topic_partition] = offset
+
+    def due(self, now: float | None = None) -> bool:
+        """True when full, or when the first record has waited ``max_wait_s``."""
+        if self._opened_at is None:
+            return False
+        if len(self._events) >= self.max_events:
+            return True
+        return (time.monotonic() if now is None else now) - self._opened_at >= self.max_wait_s
+
+    def pending(self) -> bool:
+        """True if any record (valid or not) awaits processing."""
+        return self._opened_at is not None
+
+    def take(self) -> tuple[Batch, np.ndarray, dict[tuple[str, int], int]]:
+        """Close the batch: (model batch, Kafka record timestamps in ms, next offset to commit per partition)."""
+        events = self._events
+        batch = Batch(
+            user_ids=np.fromiter((e.user_id for e in events), np.int64, len(events)),
+            item_ids=np.fromiter((e.item_id for e in events), np.int64, len(events)),
+            weights=np.fromiter((e.weight for e in events), np.float32, len(events)),
+            ts_ms=np.fromiter((e.ts for e in events), np.int64, len(events)),
+        )
+        record_ts = np.asarray(self._record_ts, dtype=np.int64)
+        commit = {tp: off + 1 for tp, off in self._offsets.items()}
+        self._events, self._record_ts, self._offsets, self._opened_at = [], [], {}, None
+        return batch, record_ts, commit
