@@ -14,6 +14,7 @@ from ebrflow.config import ModelConfig, Settings
 from indexer.milvus_store import MilvusStore, connect
 from indexer.publisher import Publisher
 from model.base import RetrievalModel
+from model.checkpoint import CheckpointStore
 from model.two_tower import TwoTowerModel
 from ops.history import HistoryWriter
 from ops.metrics import PipelineMetrics
@@ -21,6 +22,7 @@ from ops.observer import MetricsObserver
 from ops.prequential import PrequentialEvaluator
 from stream.batcher import MicroBatcher
 from stream.broker import EmbeddedBroker
+from stream.checkpointer import Checkpointer
 from stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from stream.pipeline import Pipeline, RunSummary
 from stream.schema import EventCodec
@@ -108,7 +110,9 @@ class Trainer:
         with contextlib.suppress(Exception):
             self.pipeline.consumer.close()
         with contextlib.suppress(Exception):
-            self.pipeline.dlq.producer.close(timeout=5)
+            self.pipeline.dlq.close()
+        if self.pipeline.audit_log is not None:
+            self.pipeline.audit_log.close()
         if self.observer.history is not None:
             self.observer.history.close()
         with contextlib.suppress(Exception):
@@ -146,10 +150,22 @@ def build_trainer(
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
     )
-    dlq = DeadLetterWriter(make_producer(bootstrap_servers, client_kwargs), k.topic)
+    dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.topic)
     batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
     codec = EventCodec(max_bytes=k.max_event_bytes)
-    pipeline = Pipeline(consumer, k.topic, codec, dlq, model, publisher, batcher, observer)
+    run = settings.run
+    checkpointer = None
+    if run.checkpoints:
+        store_dir = Path(run.data_dir) / "checkpoints"
+        checkpointer = Checkpointer(
+            CheckpointStore(store_dir, run.checkpoint_keep),
+            model,
+            publisher,
+            run.checkpoint_every_batches,
+            run.checkpoint_every_s,
+        )
+    audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
+    pipeline = Pipeline(consumer, k.topic, codec, dlq, model, publisher, batcher, observer, checkpointer, audit)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)
 
 

@@ -85,6 +85,10 @@ class RunConfig(BaseModel):
 
     data_dir: str = "ebrflow_data"
     checkpoint_every_batches: int = Field(50, ge=1)
+    checkpoint_every_s: float = Field(60.0, gt=0)
+    checkpoint_keep: int = Field(3, ge=1)
+    checkpoints: bool = True
+    audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"
 
 

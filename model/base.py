@@ -91,6 +91,10 @@ class RetrievalModel(Protocol):
         """All item ids the model has seen, int64."""
         ...
 
+    def known_users(self) -> np.ndarray:
+        """All user ids the model has seen, int64."""
+        ...
+
     def state_dict(self) -> dict:
         """Everything needed to resume training (tensors and plain containers only, no pickled objects)."""
         ...

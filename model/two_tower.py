@@ -134,6 +134,10 @@ class TwoTowerModel:
         """Item ids seen so far."""
         return self.items.ids()
 
+    def known_users(self) -> np.ndarray:
+        """User ids seen so far."""
+        return self.users.ids()
+
     def state_dict(self) -> dict:
         """Tables, id maps, frequency estimate, optimiser state and version."""
         return {

@@ -28,6 +28,7 @@ class MicroBatcher:
         self._events: list[Event] = []
         self._record_ts: list[int] = []
         self._offsets: dict[tuple[str, int], int] = {}
+        self._first: dict[tuple[str, int], int] = {}
         self._opened_at: float | None = None
 
     def __len__(self) -> int:
@@ -50,6 +51,7 @@ class MicroBatcher:
             self._opened_at = time.monotonic()
         if offset >= self._offsets.get(topic_partition, -1):
             self._offsets[topic_partition] = offset
+        self._first.setdefault(topic_partition, offset)
 
     def due(self, now: float | None = None) -> bool:
         """True when full, or when the first record has waited ``max_wait_s``."""
@@ -63,6 +65,10 @@ class MicroBatcher:
         """True if any record (valid or not) awaits processing."""
         return self._opened_at is not None
 
+    def ranges(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """First and last offset consumed into the open batch, per partition (for the audit log)."""
+        return {tp: (self._first[tp], last) for tp, last in self._offsets.items()}
+
     def take(self) -> tuple[Batch, np.ndarray, dict[tuple[str, int], int]]:
         """Close the batch: (model batch, Kafka record timestamps in ms, next offset to commit per partition)."""
         events = self._events
@@ -74,5 +80,5 @@ class MicroBatcher:
         )
         record_ts = np.asarray(self._record_ts, dtype=np.int64)
         commit = {tp: off + 1 for tp, off in self._offsets.items()}
-        self._events, self._record_ts, self._offsets, self._opened_at = [], [], {}, None
+        self._events, self._record_ts, self._offsets, self._first, self._opened_at = [], [], {}, {}, None
         return batch, record_ts, commit

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -68,9 +70,12 @@ class DeadLetterWriter:
     source offsets are committed, so a dead letter is never lost.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str) -> None:
-        self.producer = producer
+    def __init__(self, producer_factory: Callable[[], KafkaProducer], topic: str) -> None:
+        self.producer_factory = producer_factory
+        self.producer = producer_factory()
         self.topic = topic + DLQ_SUFFIX
+        self._pending: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        self._futures: list = []
 
     def send(
         self,
@@ -90,8 +95,29 @@ class DeadLetterWriter:
             ("ebrflow.source.partition", str(partition).encode()),
             ("ebrflow.source.offset", str(offset).encode()),
         ]
-        self.producer.send(self.topic, key=key, value=value, headers=headers)
+        self._pending.append((key, value, headers))
+        self._futures.append(self.producer.send(self.topic, key=key, value=value, headers=headers))
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until queued dead letters are acknowledged."""
-        self.producer.flush(timeout=timeout_s)
+        """Block until every queued dead letter is acknowledged.
+
+        On failure the producer is recreated (a kafka-python idempotent producer stays broken after a
+        broker restart), every pending letter is re-sent, and the error is raised for the caller to retry.
+        """
+        if not self._pending:
+            return
+        try:
+            self.producer.flush(timeout=timeout_s)
+            for future in self._futures:
+                future.get(timeout=0)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.producer.close(timeout=0)
+            self.producer = self.producer_factory()
+            self._futures = [self.producer.send(self.topic, key=k, value=v, headers=h) for k, v, h in self._pending]
+            raise
+        self._pending, self._futures = [], []
+
+    def close(self) -> None:
+        """Close the producer."""
+        self.producer.close(timeout=5)

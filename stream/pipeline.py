@@ -6,15 +6,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import numpy as np
-from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
 from indexer.publisher import Published, Publisher
 from model.base import Batch, RetrievalModel, TrainReport
 from stream.batcher import MicroBatcher
+from stream.checkpointer import Checkpointer, Offsets
 from stream.kafka_io import DeadLetterWriter
 from stream.schema import EventCodec, InvalidEvent
 
@@ -73,6 +74,29 @@ class RunSummary:
         return self.consumed / self.seconds if self.seconds else 0.0
 
 
+class DivergedModel(RuntimeError):
+    """The model produced non-finite embeddings; they are never published."""
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the restored checkpoint's offsets (each partition once)."""
+
+    def __init__(self, consumer: KafkaConsumer, offsets: Offsets) -> None:
+        self.consumer = consumer
+        self.offsets = dict(offsets)
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Nothing to do: uncommitted work is re-read by the next owner (at most one batch)."""
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Seek each partition the checkpoint knows to its saved offset."""
+        for tp in assigned:
+            offset = self.offsets.pop((tp.topic, tp.partition), None)
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+                log.info("partition %s:%d resumes at checkpoint offset %d", tp.topic, tp.partition, offset)
+
+
 class Pipeline:
     """Runs the consumer loop until stopped; offsets are committed only after a batch is published.
 
@@ -90,6 +114,8 @@ class Pipeline:
         publisher: Publisher,
         batcher: MicroBatcher,
         observer: Observer,
+        checkpointer: Checkpointer | None = None,
+        audit_log: TextIO | None = None,
         lag_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
     ) -> None:
@@ -101,6 +127,9 @@ class Pipeline:
         self.publisher = publisher
         self.batcher = batcher
         self.observer = observer
+        self.checkpointer = checkpointer
+        self.audit_log = audit_log
+        self.offsets: Offsets = {}
         self.lag_interval_s = lag_interval_s
         self.max_backoff_s = max_backoff_s
         self.stop_event = threading.Event()
@@ -114,7 +143,10 @@ class Pipeline:
 
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
-        self.consumer.subscribe([self.topic])
+        restored = self.checkpointer.restore() if self.checkpointer else None
+        if restored:
+            self.offsets.update(restored)
+        self.consumer.subscribe([self.topic], listener=_SeekOnAssign(self.consumer, restored or {}))
         start = last_record = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -131,6 +163,8 @@ class Pipeline:
                     break
             if self.batcher.pending():
                 self._process()
+            if self.checkpointer and self.summary.batches:
+                self.checkpointer.batch_done(self.offsets, force=True)
         finally:
             self.summary.seconds = time.monotonic() - start
         return self.summary
@@ -168,6 +202,7 @@ class Pipeline:
         self.batcher.add(event, record_ts_ms=rec.timestamp or 0)
 
     def _process(self) -> None:
+        ranges = self.batcher.ranges()
         batch, record_ts, offsets = self.batcher.take()
         invalid, self._invalid_in_batch = self._invalid_in_batch, 0
         stages: dict[str, float] = {}
@@ -182,6 +217,12 @@ class Pipeline:
             stages.update(evaluate=t1 - t0, train=t2 - t1, publish=t3 - t2)
         t4 = time.perf_counter()
         self._retrying("dlq", self.dlq.flush)
+        self.offsets.update(offsets)
+        if self.audit_log is not None:
+            self.audit_log.writelines(f"{t} {p} {lo} {hi}\n" for (t, p), (lo, hi) in ranges.items())
+            self.audit_log.flush()
+        if self.checkpointer is not None:
+            self.checkpointer.batch_done(self.offsets)
         self._commit(offsets)
         stages["commit"] = time.perf_counter() - t4
         self.summary.batches += 1
@@ -193,14 +234,13 @@ class Pipeline:
         users = np.unique(batch.user_ids)
         items = np.unique(batch.item_ids)
 
+        item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
+        if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
+            raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
+
         def publish() -> Published:
             return self.publisher.publish(
-                self.model.version,
-                items,
-                self.model.item_embeddings(items),
-                users,
-                self.model.user_embeddings(users),
-                (batch.user_ids, batch.item_ids),
+                self.model.version, items, item_vecs, users, user_vecs, (batch.user_ids, batch.item_ids)
             )
 
         return self._retrying("publish", publish)
