@@ -33,6 +33,8 @@ class SeenItems:
 
     def add(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         """Record interactions in order; a repeated item moves to the most recent end."""
+        if len(user_ids) == 0:
+            return
         order = np.argsort(user_ids, kind="stable")
         users, items = user_ids[order], item_ids[order]
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
