@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class Published:
     user_existed: np.ndarray
     user_vectors: np.ndarray
     version: int
+    upsert_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Publisher:
@@ -50,16 +52,25 @@ class Publisher:
     ) -> Published:
         """Upsert items, then users with their updated seen lists; returns what changed."""
         batch_users, batch_items = interactions
-        staged = SeenItems(self.seen.capacity)
-        for u in user_ids.tolist():
-            staged._seen[u] = self.seen.get(u)
-        staged.add(batch_users, batch_items)
+        staged = self.seen.with_added(user_ids, batch_users, batch_items)
         seen_lists = [staged.get(u) for u in user_ids.tolist()]
+        t0 = time.perf_counter()
         self.store.upsert(self.store.items, item_ids, item_vectors, version)
+        t1 = time.perf_counter()
         self.store.upsert(self.store.users, user_ids, user_vectors, version, seen=seen_lists)
-        self.seen._seen.update(staged._seen)
+        timings = {"items": t1 - t0, "users": time.perf_counter() - t1}
+        self.seen.merge(staged)
         item_prev, item_existed = self.items.update(item_ids, item_vectors)
         user_prev, user_existed = self.users.update(user_ids, user_vectors)
         return Published(
-            item_ids, item_prev, item_existed, item_vectors, user_ids, user_prev, user_existed, user_vectors, version
+            item_ids,
+            item_prev,
+            item_existed,
+            item_vectors,
+            user_ids,
+            user_prev,
+            user_existed,
+            user_vectors,
+            version,
+            timings,
         )

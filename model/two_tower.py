@@ -106,7 +106,13 @@ class TwoTowerModel:
                 else:
                     skipped += 1
         mean = float(np.mean(losses)) if losses else float("nan")
-        return TrainReport(loss=mean, steps=len(losses), task_losses={"retrieval": mean}, skipped_steps=skipped)
+        return TrainReport(
+            loss=mean,
+            steps=len(losses),
+            task_losses={"retrieval": mean},
+            task_weights={"retrieval": 1.0},
+            skipped_steps=skipped,
+        )
 
     def _loss(self, u_rows: np.ndarray, i_rows: np.ndarray, weights: np.ndarray) -> torch.Tensor:
         dev = self.device

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+from stream.schema import REASONS
+
 disable_created_metrics()
+
+STAGES = ("evaluate", "train", "publish", "commit")
+COLLECTIONS = ("items", "users")
+SEGMENTS = ("all", "cold", "warm")
+DRIFT_SIGNALS = ("item_shift", "neighbour_churn", "centroid", "recall")
+BROKER_OPS = ("poll", "commit", "dlq", "lag")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -143,6 +151,27 @@ class PipelineMetrics:
             "ebrflow_broker_errors", "Broker errors the consumer retried (poll, commit, produce).", ["op"], registry=r
         )
         self.up = Gauge("ebrflow_trainer_up", "1 while the trainer loop runs.", registry=r)
+        self._init_label_values()
+
+    def _init_label_values(self) -> None:
+        """Create every bounded label value up front, so series exist (at 0) before their first event."""
+        for reason in REASONS:
+            self.events_invalid.labels(reason)
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+        for collection in COLLECTIONS:
+            self.upsert_duration.labels(collection)
+            self.upserted.labels(collection)
+            self.indexed.labels(collection)
+            self.embedding_shift.labels(collection)
+        for segment in SEGMENTS:
+            self.preq_evaluated.labels(segment)
+            self.preq_hits.labels(segment)
+            self.preq_ndcg.labels(segment)
+        for signal in DRIFT_SIGNALS:
+            self.drift_detected.labels(signal)
+        for op in BROKER_OPS:
+            self.broker_errors.labels(op)
 
     def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
         """Expose the registry at ``http://host:port/metrics`` (loopback unless configured); port 0 picks one.

@@ -81,6 +81,8 @@ class MetricsObserver:
             m.task_weight.labels(task).set(value)
         m.model_version.set(pub.version)
         m.last_publish.set(result.published_at)
+        for collection, secs in pub.upsert_seconds.items():
+            m.upsert_duration.labels(collection).observe(secs)
         m.upserted.labels("items").inc(len(pub.item_ids))
         m.upserted.labels("users").inc(len(pub.user_ids))
         m.indexed.labels("items").set(len(self.evaluator.items))
