@@ -16,6 +16,7 @@ from indexer.publisher import Publisher
 from model.base import RetrievalModel
 from model.checkpoint import CheckpointStore
 from model.two_tower import TwoTowerModel
+from ops.drift import DriftMonitor
 from ops.history import HistoryWriter
 from ops.metrics import PipelineMetrics
 from ops.observer import MetricsObserver
@@ -146,7 +147,8 @@ def build_trainer(
         sample=settings.metrics.eval_sample,
     )
     history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
-    observer = MetricsObserver(metrics, evaluator, history=history)
+    drift = DriftMonitor(publisher.items, k=settings.metrics.recall_k)
+    observer = MetricsObserver(metrics, evaluator, drift=drift, history=history)
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
     )

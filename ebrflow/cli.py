@@ -182,5 +182,23 @@ def query(
         typer.echo(f"{rank}\t{rec.item_id}\t{rec.score:.4f}")
 
 
+@app.command()
+def report(
+    history: Annotated[
+        Optional[Path], typer.Argument(help="history.jsonl of a run (default: <data_dir>/history.jsonl).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <data_dir>/report).")] = None,
+    window: Annotated[int, typer.Option(help="Rolling window in batches.")] = 10,
+    config: ConfigOpt = None,
+) -> None:
+    """Turn a run's per-batch history into PNG plots (recall, drift, throughput, freshness, loss) and a summary."""
+    from ops.report import make_report
+
+    settings = _settings(config)
+    data_dir = Path(settings.run.data_dir)
+    for path in make_report(history or data_dir / "history.jsonl", out or data_dir / "report", window=window):
+        typer.echo(str(path))
+
+
 if __name__ == "__main__":
     app()
