@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
-class KafkaConfig(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(Section):
     """Where events come from. Empty ``bootstrap_servers`` starts the embedded Tansu broker."""
 
     bootstrap_servers: str = ""
@@ -38,14 +44,14 @@ class KafkaConfig(BaseModel):
         return kw
 
 
-class BatchConfig(BaseModel):
+class BatchConfig(Section):
     """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first."""
 
     max_events: int = Field(1024, ge=1)
     max_wait_ms: int = Field(1000, ge=1)
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Section):
     """Which model and its main knobs (``two_tower``: id embeddings; ``ssmtl``: graph encoder + SSL tasks)."""
 
     kind: Literal["two_tower", "ssmtl"] = "two_tower"
@@ -58,7 +64,7 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
 
 
-class MilvusConfig(BaseModel):
+class MilvusConfig(Section):
     """Where embeddings go: a Milvus Lite path, or ``http(s)://host:19530`` with an optional token."""
 
     uri: str = "ebrflow_data/milvus.db"
@@ -69,7 +75,7 @@ class MilvusConfig(BaseModel):
     flush_interval_s: float = Field(30.0, gt=0)
 
 
-class MetricsConfig(BaseModel):
+class MetricsConfig(Section):
     """The Prometheus endpoint (loopback by default) and the prequential evaluation."""
 
     host: str = "127.0.0.1"
@@ -80,7 +86,7 @@ class MetricsConfig(BaseModel):
     eval_sample: int = Field(256, ge=1)
 
 
-class RunConfig(BaseModel):
+class RunConfig(Section):
     """Run-level files and schedules."""
 
     data_dir: str = "ebrflow_data"
@@ -92,7 +98,7 @@ class RunConfig(BaseModel):
     log_level: str = "INFO"
 
 
-class DemoConfig(BaseModel):
+class DemoConfig(Section):
     """The built-in synthetic stream used by ``ebrflow demo``."""
 
     events: int = Field(60_000, ge=1)
