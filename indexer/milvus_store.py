@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import CollectionSchema, DataType, MilvusClient
+from pymilvus.milvus_client.index import IndexParams
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class MilvusStore:
                 log.info("created Milvus collection %s (dim %d, %s)", name, self.dim, self.index_type)
             self.client.load_collection(name)
 
-    def _schema(self, with_seen: bool):  # noqa: ANN202 - pymilvus returns its own schema type
+    def _schema(self, with_seen: bool) -> CollectionSchema:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -83,7 +84,7 @@ class MilvusStore:
             schema.add_field("seen", DataType.ARRAY, element_type=DataType.INT64, max_capacity=self.seen_capacity)
         return schema
 
-    def _index(self):  # noqa: ANN202
+    def _index(self) -> IndexParams:
         params = self.client.prepare_index_params()
         extra = {"HNSW": {"M": 16, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}}.get(self.index_type, {})
         params.add_index("embedding", index_type=self.index_type, metric_type="IP", params=extra)

@@ -8,10 +8,12 @@ from collections import deque
 
 import numpy as np
 
+from model.base import Batch
 from ops.drift import NoDrift, cosine_shift
 from ops.history import BatchRecord, HistoryWriter
 from ops.metrics import PipelineMetrics
 from ops.prequential import Evaluation, PrequentialEvaluator
+from stream.pipeline import BatchResult
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class MetricsObserver:
         self.metrics.dlq_events.inc()
         log.debug("dead-lettered record: %s (%s)", reason, detail)
 
-    def before_train(self, batch) -> None:  # noqa: ANN001 - model.base.Batch
+    def before_train(self, batch: Batch) -> None:
         """Score the batch against what is served before the model learns from it."""
         t0 = time.perf_counter()
         ev = self._last = self.evaluator.evaluate(batch)
@@ -59,7 +61,7 @@ class MetricsObserver:
                 self.metrics.preq_recall.labels(seg).set(score.recall)
         self.metrics.stage_duration.labels("evaluate").observe(time.perf_counter() - t0)
 
-    def after_batch(self, result) -> None:  # noqa: ANN001 - stream.pipeline.BatchResult
+    def after_batch(self, result: BatchResult) -> None:
         """Record throughput, loss, publish and freshness figures, drift and a history line."""
         m, rep, pub = self.metrics, result.report, result.published
         self._batches += 1
@@ -112,7 +114,7 @@ class MetricsObserver:
         result,
         ev: Evaluation | None,
         item_shift: np.ndarray,
-        lag_s: np.ndarray,  # noqa: ANN001
+        lag_s: np.ndarray,
         figures: dict[str, float],
         drifted: list[str],
     ) -> BatchRecord:

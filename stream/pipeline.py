@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, TypeVar
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
 from indexer.publisher import Published, Publisher
@@ -20,6 +22,7 @@ from stream.kafka_io import DeadLetterWriter
 from stream.schema import EventCodec, InvalidEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -189,7 +192,7 @@ class Pipeline:
             self.observer.on_consumed(n)
         return n
 
-    def _take(self, rec, tp: TopicPartition) -> None:  # noqa: ANN001 - kafka-python ConsumerRecord
+    def _take(self, rec: ConsumerRecord, tp: TopicPartition) -> None:
         self.batcher.add_offset((tp.topic, tp.partition), rec.offset)
         try:
             event = self.codec.decode(rec.value)
@@ -245,7 +248,7 @@ class Pipeline:
 
         return self._retrying("publish", publish)
 
-    def _retrying(self, op: str, fn):  # noqa: ANN001, ANN202 - generic retry around a zero-arg callable
+    def _retrying(self, op: str, fn: Callable[[], T]) -> T:
         backoff = 0.5
         paused = False
         while True:
