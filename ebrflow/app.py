@@ -167,7 +167,9 @@ def build_trainer(
             run.checkpoint_every_s,
         )
     audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
-    pipeline = Pipeline(consumer, k.topic, codec, dlq, model, publisher, batcher, observer, checkpointer, audit)
+    pipeline = Pipeline(
+        consumer, k.topic, codec, dlq, model, publisher, batcher, observer, checkpointer, audit, run.refresh_every_s
+    )
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)
 
 

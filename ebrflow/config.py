@@ -94,6 +94,7 @@ class RunConfig(Section):
     checkpoint_every_s: float = Field(60.0, gt=0)
     checkpoint_keep: int = Field(3, ge=1)
     checkpoints: bool = True
+    refresh_every_s: float = Field(300.0, gt=0)  # re-publish every embedding this often (and at a clean stop)
     audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"
 

@@ -64,8 +64,8 @@ class RetrievalModel(Protocol):
     """A continually trained two-sided embedding model.
 
     ``version`` increases with every successful optimisation step; it is what gets published
-    next to each embedding in Milvus. Embeddings are L2-normalised float32 rows, so inner
-    product equals cosine similarity.
+    next to each embedding in Milvus. Embeddings are float32 rows whose inner product is the
+    retrieval score (Milvus metric IP); models may append a bias coordinate, so rows need not be unit length.
     """
 
     dim: int

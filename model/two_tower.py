@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from model.base import Batch, TrainReport
 from model.frequency import ItemFrequency
+from model.graph import RingBuffers
 from model.losses import sampled_softmax
 from model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
 
@@ -42,8 +43,15 @@ def finite_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
 
 
 class TwoTowerModel:
-    """Id embeddings for users and items; in-batch softmax with logQ correction and hit masking.
+    """Users and items as id embeddings; in-batch softmax with logQ correction and accidental-hit masking.
 
+    The user tower adds the mean embedding of the user's last ``history`` items to its id embedding, so a
+    user with a handful of events is already placed near what they touched (cold start). Training uses the
+    logQ-corrected in-batch softmax (an estimate of the full softmax over ``cos(u, v) / T``). With
+    ``popularity_half_life`` (in events) the served score adds the log of each item's recent share of
+    events, ``cos(u, v) / T + log q_recent(i)``, published as ``[û, T]·[v̂, T·log q_recent(i)] / T`` — the
+    last coordinate — so Milvus' inner product ranks by it (on MovieLens-100K and CollegeMsg this recency
+    prior is worth more than anything else we tried; see bench/results/quality.md).
     Each ``fit_batch`` runs ``steps_per_batch`` passes over the batch in chunks of at most
     ``max_step_size`` events. New ids grow the tables (and the optimiser state) in place.
     """
@@ -55,11 +63,15 @@ class TwoTowerModel:
         temperature: float = 0.1,
         steps_per_batch: int = 1,
         max_step_size: int = 1024,
+        history: int = 32,
+        popularity_half_life: float | None = 1000.0,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
         torch.manual_seed(seed)
         self.dim = dim
+        self.history = history
+        self.popularity_half_life = popularity_half_life
         self.lr = lr
         self.temperature = temperature
         self.steps_per_batch = steps_per_batch
@@ -67,9 +79,12 @@ class TwoTowerModel:
         self.device = pick_device(device)
         self.users = IdIndex()
         self.items = IdIndex()
-        self.user_table = GrowableEmbedding(dim).to(self.device)
-        self.item_table = GrowableEmbedding(dim).to(self.device)
+        emb_dim = dim - 1 if popularity_half_life else dim
+        self.user_table = GrowableEmbedding(emb_dim).to(self.device)
+        self.item_table = GrowableEmbedding(emb_dim).to(self.device)
+        self.recent = RingBuffers(max(history, 1))
         self.frequency = ItemFrequency()
+        self.popularity = ItemFrequency(decay=1.0)
         self._optimizer = self._new_optimizer()
         self._version = 0
         self._rng = np.random.default_rng(seed)
@@ -105,6 +120,12 @@ class TwoTowerModel:
                     losses.append(loss.item())
                 else:
                     skipped += 1
+        if self.popularity_half_life:
+            self.popularity.decay = 0.5 ** (len(batch) / self.popularity_half_life)
+            self.popularity.update(i_rows)
+        if self.history:  # after training, so an event never sits in its own user's history while it is learned
+            self.recent.grow(len(self.users))
+            self.recent.append(u_rows, i_rows, batch.ts_ms)
         mean = float(np.mean(losses)) if losses else float("nan")
         return TrainReport(
             loss=mean,
@@ -114,27 +135,45 @@ class TwoTowerModel:
             skipped_steps=skipped,
         )
 
+    def _user_vectors(self, u_rows: np.ndarray) -> torch.Tensor:
+        """Unit user vectors: id embedding plus the mean of the user's recent item embeddings."""
+        rows = torch.from_numpy(u_rows).to(self.device)
+        vec = self.user_table(rows)
+        if self.history:
+            self.recent.grow(len(self.users))
+            mask = torch.from_numpy(self.recent.valid(u_rows, None)).to(self.device)
+            nbr = torch.from_numpy(self.recent.nbr[u_rows]).to(self.device)
+            items = self.item_table(nbr) * mask.unsqueeze(-1)
+            vec = vec + items.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(vec, dim=-1)
+
     def _loss(self, u_rows: np.ndarray, i_rows: np.ndarray, weights: np.ndarray) -> torch.Tensor:
         dev = self.device
-        u = F.normalize(self.user_table(torch.from_numpy(u_rows).to(dev)), dim=-1)
         i_t = torch.from_numpy(i_rows).to(dev)
-        v = F.normalize(self.item_table(i_t), dim=-1)
+        u, v = self._user_vectors(u_rows), F.normalize(self.item_table(i_t), dim=-1)
         log_q = torch.from_numpy(self.frequency.log_q(i_rows)).float().to(dev)
         w = torch.from_numpy(weights).to(dev)
         return sampled_softmax(u, v, i_t, self.temperature, log_q=log_q, weights=w)
 
     @torch.no_grad()
-    def _embed(self, table: GrowableEmbedding, index: IdIndex, ids: np.ndarray) -> np.ndarray:
-        rows = torch.from_numpy(index.lookup(np.asarray(ids, dtype=np.int64))).to(self.device)
-        return F.normalize(table.weight[rows], dim=-1).cpu().numpy().astype(np.float32)
-
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
-        """L2-normalised user vectors."""
-        return self._embed(self.user_table, self.users, user_ids)
+        """Published user vectors: the unit vector, then 1 when the popularity prior is on."""
+        rows = self.users.lookup(np.asarray(user_ids, dtype=np.int64))
+        u = self._user_vectors(rows).cpu().numpy().astype(np.float32)
+        if self.popularity_half_life:
+            u = np.concatenate([u, np.ones((len(u), 1), np.float32)], axis=1)
+        return u
 
+    @torch.no_grad()
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
-        """L2-normalised item vectors."""
-        return self._embed(self.item_table, self.items, item_ids)
+        """Published item vectors: the unit vector, then ``T·log q_recent`` when the popularity prior is on."""
+        rows = self.items.lookup(np.asarray(item_ids, dtype=np.int64))
+        v = F.normalize(self.item_table.weight[torch.from_numpy(rows).to(self.device)], dim=-1)
+        v = v.cpu().numpy().astype(np.float32)
+        if self.popularity_half_life:
+            prior = self.temperature * self.popularity.log_q(rows)
+            v = np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
+        return v
 
     def known_items(self) -> np.ndarray:
         """Item ids seen so far."""
@@ -151,6 +190,10 @@ class TwoTowerModel:
             "items": self.items.state_dict(),
             "user_table": self.user_table.weight.detach().cpu(),
             "item_table": self.item_table.weight.detach().cpu(),
+            "popularity": self.popularity.state_dict(),
+            "recent": {
+                name: torch.from_numpy(getattr(self.recent, name)) for name in ("nbr", "ts", "count", "last_ts")
+            },
             "frequency": self.frequency.state_dict(),
             "optimizer": self._optimizer.state_dict(),
             "version": self._version,
@@ -162,6 +205,9 @@ class TwoTowerModel:
         self.items.load_state_dict(state["items"])
         self.user_table.weight = torch.nn.Parameter(state["user_table"].to(self.device))
         self.item_table.weight = torch.nn.Parameter(state["item_table"].to(self.device))
+        self.popularity.load_state_dict(state["popularity"])
+        for name, value in state["recent"].items():
+            setattr(self.recent, name, value.numpy().copy())
         self.frequency.load_state_dict(state["frequency"])
         self._optimizer = self._new_optimizer()
         self._optimizer.load_state_dict(state["optimizer"])

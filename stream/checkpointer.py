@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from indexer.publisher import Publisher
 from model.base import RetrievalModel
 from model.checkpoint import CheckpointStore
@@ -31,9 +29,9 @@ def _unpack_offsets(packed: dict[str, int]) -> Offsets:
 class Checkpointer:
     """Saves the trainer's state every ``every_batches`` batches or ``every_s`` seconds; restores it on start.
 
-    A checkpoint is the source of truth: on restore the model and seen items are loaded, every known
-    embedding is re-published (so Milvus equals the model), and the returned offsets are where each
-    partition resumes. Steps of a save, in order: the batch was published → state written → offsets committed.
+    A checkpoint is the source of truth: on restore the model and seen items are loaded and the returned
+    offsets are where each partition resumes (the pipeline then re-publishes every embedding).
+    Steps of a save, in order: the batch was published → state written → offsets committed.
     """
 
     def __init__(
@@ -74,23 +72,12 @@ class Checkpointer:
         return True
 
     def restore(self) -> Offsets | None:
-        """Load the newest valid checkpoint and re-publish its embeddings; None when starting fresh."""
+        """Load the newest valid checkpoint into the model and seen store; None when starting fresh."""
         state = self.store.load_latest()
         if state is None:
             return None
         self.model.load_state_dict(state["model"])
         self.publisher.seen.load_state_dict(state["seen"])
-        self.republish()
         offsets = _unpack_offsets(state["offsets"])
         log.info("restored checkpoint at model version %d; resuming at offsets %s", self.model.version, offsets)
         return offsets
-
-    def republish(self, chunk: int = 5000) -> None:
-        """Upsert every known item and user embedding at the model's version, in chunks."""
-        empty = np.empty(0, np.int64)
-        items, users = self.model.known_items(), self.model.known_users()
-        for start in range(0, max(len(items), len(users)), chunk):
-            i, u = items[start : start + chunk], users[start : start + chunk]
-            self.publisher.publish(
-                self.model.version, i, self.model.item_embeddings(i), u, self.model.user_embeddings(u), (empty, empty)
-            )

@@ -119,6 +119,7 @@ class Pipeline:
         observer: Observer,
         checkpointer: Checkpointer | None = None,
         audit_log: TextIO | None = None,
+        refresh_every_s: float | None = 300.0,
         lag_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
     ) -> None:
@@ -133,6 +134,8 @@ class Pipeline:
         self.checkpointer = checkpointer
         self.audit_log = audit_log
         self.offsets: Offsets = {}
+        self.refresh_every_s = refresh_every_s
+        self._last_refresh = time.monotonic()
         self.lag_interval_s = lag_interval_s
         self.max_backoff_s = max_backoff_s
         self.stop_event = threading.Event()
@@ -149,6 +152,7 @@ class Pipeline:
         restored = self.checkpointer.restore() if self.checkpointer else None
         if restored:
             self.offsets.update(restored)
+            self.republish_all()
         self.consumer.subscribe([self.topic], listener=_SeekOnAssign(self.consumer, restored or {}))
         start = last_record = time.monotonic()
         try:
@@ -161,11 +165,15 @@ class Pipeline:
                     last_record = now
                 if self.batcher.due():
                     self._process()
+                    if self.refresh_every_s is not None and now - self._last_refresh >= self.refresh_every_s:
+                        self.republish_all()
                 self._report_lag(now)
                 if idle_exit_s is not None and now - last_record > idle_exit_s and not self.batcher.pending():
                     break
             if self.batcher.pending():
                 self._process()
+            if self.summary.batches:
+                self.republish_all()
             if self.checkpointer and self.summary.batches:
                 self.checkpointer.batch_done(self.offsets, force=True)
         finally:
@@ -233,20 +241,35 @@ class Pipeline:
         if len(batch):
             self.observer.after_batch(BatchResult(batch, record_ts, report, published, time.time(), stages, invalid))
 
-    def _publish_with_retry(self, batch: Batch) -> Published:
-        users = np.unique(batch.user_ids)
-        items = np.unique(batch.item_ids)
+    def republish_all(self, chunk: int = 5000) -> None:
+        """Upsert every known item and user at the model's current version, in chunks.
 
+        Run after a restore, every ``refresh_every_s`` and at a clean stop: a batch publishes only the ids it
+        touched, while shared parameters (user histories, graph layers, the popularity prior) move others too.
+        """
+        empty = np.empty(0, np.int64)
+        items, users = self.model.known_items(), self.model.known_users()
+        for start in range(0, max(len(items), len(users)), chunk):
+            i, u = items[start : start + chunk], users[start : start + chunk]
+            self._checked_publish(i, u, (empty, empty))
+        self._last_refresh = time.monotonic()
+
+    def _checked_publish(
+        self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]
+    ) -> Published:
+        """Publish the model's vectors for ``items``/``users`` (retrying), refusing non-finite ones."""
         item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
         if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
             raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
+        version = self.model.version
+        return self._retrying(
+            "publish", lambda: self.publisher.publish(version, items, item_vecs, users, user_vecs, interactions)
+        )
 
-        def publish() -> Published:
-            return self.publisher.publish(
-                self.model.version, items, item_vecs, users, user_vecs, (batch.user_ids, batch.item_ids)
-            )
-
-        return self._retrying("publish", publish)
+    def _publish_with_retry(self, batch: Batch) -> Published:
+        return self._checked_publish(
+            np.unique(batch.item_ids), np.unique(batch.user_ids), (batch.user_ids, batch.item_ids)
+        )
 
     def _retrying(self, op: str, fn: Callable[[], T]) -> T:
         backoff = 0.5
