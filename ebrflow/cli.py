@@ -30,6 +30,7 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     logging.basicConfig(level=settings.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # Milvus Lite logs unimplemented RPCs it does not need
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not a problem
     return settings
 
 

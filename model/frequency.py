@@ -40,7 +40,10 @@ class ItemFrequency:
 
     def state_dict(self) -> dict:
         """Counts and total as tensors."""
-        return {"counts": torch.from_numpy(self._counts.copy()), "total": torch.tensor(self._total)}
+        return {
+            "counts": torch.from_numpy(self._counts.copy()),
+            "total": torch.tensor(self._total, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``."""
