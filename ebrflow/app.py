@@ -15,6 +15,7 @@ from indexer.milvus_store import MilvusStore, connect
 from indexer.publisher import Publisher
 from model.base import RetrievalModel
 from model.checkpoint import CheckpointStore
+from model.prior import PopularityPrior
 from model.two_tower import TwoTowerModel
 from ops.drift import DriftMonitor
 from ops.history import HistoryWriter
@@ -32,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelConfig) -> RetrievalModel:
-    """The configured model; ``options`` are passed to its constructor as extra keyword arguments."""
+    """The configured model; ``options`` go to its constructor as extra keyword arguments.
+
+    With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
+    smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
+    """
+    prior = cfg.popularity_half_life > 0
     common = dict(
-        dim=cfg.dim,
+        dim=cfg.dim - 1 if prior else cfg.dim,
         lr=cfg.lr,
         temperature=cfg.temperature,
         steps_per_batch=cfg.steps_per_batch,
@@ -44,8 +50,10 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.kind == "ssmtl":
         from model.ssmtl import SSMTLModel
 
-        return SSMTLModel(**common, **cfg.options)
-    return TwoTowerModel(**common, **cfg.options)
+        model: RetrievalModel = SSMTLModel(**common, **cfg.options)
+    else:
+        model = TwoTowerModel(**common, **cfg.options)
+    return PopularityPrior(model, cfg.popularity_half_life, scale=cfg.temperature) if prior else model
 
 
 @contextlib.contextmanager

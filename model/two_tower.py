@@ -47,11 +47,8 @@ class TwoTowerModel:
 
     The user tower adds the mean embedding of the user's last ``history`` items to its id embedding, so a
     user with a handful of events is already placed near what they touched (cold start). Training uses the
-    logQ-corrected in-batch softmax (an estimate of the full softmax over ``cos(u, v) / T``). With
-    ``popularity_half_life`` (in events) the served score adds the log of each item's recent share of
-    events, ``cos(u, v) / T + log q_recent(i)``, published as ``[û, T]·[v̂, T·log q_recent(i)] / T`` — the
-    last coordinate — so Milvus' inner product ranks by it (on MovieLens-100K and CollegeMsg this recency
-    prior is worth more than anything else we tried; see bench/results/quality.md).
+    logQ-corrected in-batch softmax (an estimate of the full softmax over ``cos(u, v) / T``); embeddings are
+    unit vectors (wrap in ``model.prior.PopularityPrior`` to add a recent-popularity prior when serving).
     Each ``fit_batch`` runs ``steps_per_batch`` passes over the batch in chunks of at most
     ``max_step_size`` events. New ids grow the tables (and the optimiser state) in place.
     """
@@ -64,14 +61,12 @@ class TwoTowerModel:
         steps_per_batch: int = 1,
         max_step_size: int = 1024,
         history: int = 32,
-        popularity_half_life: float | None = 1000.0,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
         torch.manual_seed(seed)
         self.dim = dim
         self.history = history
-        self.popularity_half_life = popularity_half_life
         self.lr = lr
         self.temperature = temperature
         self.steps_per_batch = steps_per_batch
@@ -79,12 +74,10 @@ class TwoTowerModel:
         self.device = pick_device(device)
         self.users = IdIndex()
         self.items = IdIndex()
-        emb_dim = dim - 1 if popularity_half_life else dim
-        self.user_table = GrowableEmbedding(emb_dim).to(self.device)
-        self.item_table = GrowableEmbedding(emb_dim).to(self.device)
+        self.user_table = GrowableEmbedding(dim).to(self.device)
+        self.item_table = GrowableEmbedding(dim).to(self.device)
         self.recent = RingBuffers(max(history, 1))
         self.frequency = ItemFrequency()
-        self.popularity = ItemFrequency(decay=1.0)
         self._optimizer = self._new_optimizer()
         self._version = 0
         self._rng = np.random.default_rng(seed)
@@ -120,9 +113,6 @@ class TwoTowerModel:
                     losses.append(loss.item())
                 else:
                     skipped += 1
-        if self.popularity_half_life:
-            self.popularity.decay = 0.5 ** (len(batch) / self.popularity_half_life)
-            self.popularity.update(i_rows)
         if self.history:  # after training, so an event never sits in its own user's history while it is learned
             self.recent.grow(len(self.users))
             self.recent.append(u_rows, i_rows, batch.ts_ms)
@@ -157,23 +147,15 @@ class TwoTowerModel:
 
     @torch.no_grad()
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
-        """Published user vectors: the unit vector, then 1 when the popularity prior is on."""
+        """Unit user vectors (id embedding plus recent-item mean)."""
         rows = self.users.lookup(np.asarray(user_ids, dtype=np.int64))
-        u = self._user_vectors(rows).cpu().numpy().astype(np.float32)
-        if self.popularity_half_life:
-            u = np.concatenate([u, np.ones((len(u), 1), np.float32)], axis=1)
-        return u
+        return self._user_vectors(rows).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
-        """Published item vectors: the unit vector, then ``T·log q_recent`` when the popularity prior is on."""
-        rows = self.items.lookup(np.asarray(item_ids, dtype=np.int64))
-        v = F.normalize(self.item_table.weight[torch.from_numpy(rows).to(self.device)], dim=-1)
-        v = v.cpu().numpy().astype(np.float32)
-        if self.popularity_half_life:
-            prior = self.temperature * self.popularity.log_q(rows)
-            v = np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
-        return v
+        """Unit item vectors."""
+        rows = torch.from_numpy(self.items.lookup(np.asarray(item_ids, dtype=np.int64))).to(self.device)
+        return F.normalize(self.item_table.weight[rows], dim=-1).cpu().numpy().astype(np.float32)
 
     def known_items(self) -> np.ndarray:
         """Item ids seen so far."""
@@ -190,7 +172,6 @@ class TwoTowerModel:
             "items": self.items.state_dict(),
             "user_table": self.user_table.weight.detach().cpu(),
             "item_table": self.item_table.weight.detach().cpu(),
-            "popularity": self.popularity.state_dict(),
             "recent": {
                 name: torch.from_numpy(getattr(self.recent, name)) for name in ("nbr", "ts", "count", "last_ts")
             },
@@ -205,7 +186,6 @@ class TwoTowerModel:
         self.items.load_state_dict(state["items"])
         self.user_table.weight = torch.nn.Parameter(state["user_table"].to(self.device))
         self.item_table.weight = torch.nn.Parameter(state["item_table"].to(self.device))
-        self.popularity.load_state_dict(state["popularity"])
         for name, value in state["recent"].items():
             setattr(self.recent, name, value.numpy().copy())
         self.frequency.load_state_dict(state["frequency"])

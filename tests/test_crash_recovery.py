@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ebrflow.app import open_store
+from ebrflow.app import build_model, open_store
 from ebrflow.config import load_settings
 from model.checkpoint import CheckpointStore
-from model.two_tower import TwoTowerModel
 from stream.broker import EmbeddedBroker
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
 
@@ -65,9 +64,9 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
     assert duplicates <= kills * BATCH, f"{duplicates} re-trained events for {kills} crashes"
 
     state = CheckpointStore(data / "checkpoints").load_latest()
-    model = TwoTowerModel(dim=16, device="cpu")
-    model.load_state_dict(state["model"])
     settings = load_settings(cfg)
+    model = build_model(settings.model)
+    model.load_state_dict(state["model"])
     store = open_store(settings)
     try:
         items = model.known_items()

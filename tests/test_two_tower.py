@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model.base import Batch
+from model.prior import PopularityPrior
 from model.two_tower import TwoTowerModel, finite_step
 
 
@@ -30,7 +31,7 @@ def hit_rate(model: TwoTowerModel, batch: Batch, k: int = 20) -> float:
 
 
 def test_recall_rises_on_a_community_stream() -> None:
-    model = TwoTowerModel(dim=16, device="cpu", popularity_half_life=None)
+    model = TwoTowerModel(dim=16, device="cpu")
     batches = community_batches(40)
     model.fit_batch(batches[0])
     before = hit_rate(model, batches[1])
@@ -41,7 +42,7 @@ def test_recall_rises_on_a_community_stream() -> None:
 
 
 def test_a_cold_user_is_placed_by_its_history() -> None:
-    model = TwoTowerModel(dim=16, device="cpu", popularity_half_life=None)
+    model = TwoTowerModel(dim=16, device="cpu")
     for b in community_batches(30):
         model.fit_batch(b)
     newcomer = 10_000
@@ -52,10 +53,11 @@ def test_a_cold_user_is_placed_by_its_history() -> None:
 
 
 def test_popularity_prior_lifts_recently_popular_items() -> None:
-    model = TwoTowerModel(dim=8, device="cpu", popularity_half_life=500)
+    model = PopularityPrior(TwoTowerModel(dim=8, device="cpu"), half_life=500, scale=0.1)
     model.fit_batch(Batch.of(np.arange(100), np.r_[np.zeros(90, int), np.arange(1, 11)]))
     vecs = model.item_embeddings(np.array([0, 5]))
-    assert vecs[0, -1] > vecs[1, -1]  # the last coordinate carries T·log q_recent
+    assert vecs.shape == (2, 9) and vecs[0, -1] > vecs[1, -1]  # the last coordinate: 0.1·log q_recent
+    np.testing.assert_allclose(vecs[0, -1], 0.1 * np.log(0.9), rtol=1e-5)
     assert model.user_embeddings(np.array([3]))[0, -1] == 1.0
 
 

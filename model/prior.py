@@ -1,0 +1,79 @@
+"""A recent-popularity prior added to any model's served score through one extra embedding coordinate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.base import Batch, RetrievalModel, TrainReport
+from model.frequency import ItemFrequency
+from model.tables import IdIndex
+
+
+class PopularityPrior:
+    """Wraps a ``RetrievalModel`` so the served score becomes ``s(u, i) + scale · log q_recent(i)``.
+
+    ``q_recent`` is each item's share of recent events, decayed with a half-life of ``half_life`` events.
+    Users get a trailing 1 and items a trailing ``scale · log q_recent``, so Milvus' inner product ranks by
+    the sum. With ``scale`` = the inner model's softmax temperature, the served logit is
+    ``cos / T + log q_recent``: the model's (logQ-corrected) preference times recent popularity. On the
+    streaming benchmarks (bench/results/quality.md) this prior is worth more than any other change we tried.
+
+    >>> from model.two_tower import TwoTowerModel
+    >>> m = PopularityPrior(TwoTowerModel(dim=7, device="cpu"), half_life=100, scale=0.1)
+    >>> _ = m.fit_batch(Batch.of([1, 2, 3], [10, 10, 11]))
+    >>> m.dim, bool(m.item_embeddings(np.array([10]))[0, -1] > m.item_embeddings(np.array([11]))[0, -1])
+    (8, True)
+    """
+
+    def __init__(self, model: RetrievalModel, half_life: float = 1000.0, scale: float = 0.1) -> None:
+        self.model = model
+        self.half_life = half_life
+        self.scale = scale
+        self.dim = model.dim + 1
+        self._items = IdIndex()
+        self._frequency = ItemFrequency(decay=1.0)
+
+    @property
+    def version(self) -> int:
+        """The inner model's version."""
+        return self.model.version
+
+    def fit_batch(self, batch: Batch) -> TrainReport:
+        """Train the inner model, then count the batch's items into the decayed popularity."""
+        report = self.model.fit_batch(batch)
+        self._frequency.decay = 0.5 ** (len(batch) / self.half_life)
+        self._frequency.update(self._items.add(batch.item_ids))
+        return report
+
+    def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
+        """The inner user vectors with a trailing 1."""
+        u = self.model.user_embeddings(user_ids)
+        return np.concatenate([u, np.ones((len(u), 1), np.float32)], axis=1)
+
+    def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
+        """The inner item vectors with a trailing ``scale · log q_recent``."""
+        v = self.model.item_embeddings(item_ids)
+        prior = self.scale * self._frequency.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
+        return np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
+
+    def known_items(self) -> np.ndarray:
+        """The inner model's items."""
+        return self.model.known_items()
+
+    def known_users(self) -> np.ndarray:
+        """The inner model's users."""
+        return self.model.known_users()
+
+    def state_dict(self) -> dict:
+        """The inner state plus the popularity counts."""
+        return {
+            "model": self.model.state_dict(),
+            "items": self._items.state_dict(),
+            "frequency": self._frequency.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``."""
+        self.model.load_state_dict(state["model"])
+        self._items.load_state_dict(state["items"])
+        self._frequency.load_state_dict(state["frequency"])
