@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ebrflow.config import ModelConfig, Settings
 from indexer.milvus_store import MilvusStore, connect
 from indexer.publisher import Publisher
@@ -38,6 +40,7 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
     smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
     """
+    torch.set_num_threads(cfg.threads)
     prior = cfg.popularity_half_life > 0
     common = dict(
         dim=cfg.dim - 1 if prior else cfg.dim,

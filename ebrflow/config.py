@@ -60,6 +60,7 @@ class ModelConfig(Section):
     temperature: float = Field(0.1, gt=0)
     steps_per_batch: int = Field(1, ge=1)
     device: str = "auto"
+    threads: int = Field(1, ge=1)  # torch intra-op threads; >1 oversubscribes small per-batch steps (see bench)
     seed: int = 0
     popularity_half_life: float = Field(1000.0, ge=0)  # events; 0 turns the served recent-popularity prior off
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
