@@ -1,0 +1,196 @@
+"""Graph encoder: id (+ side-feature) inputs, mean aggregation over sampled neighbours, L2-normalised output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.tables import GrowableEmbedding
+from model.views import perturb
+
+
+@dataclass
+class Tree:
+    """A sampled computation tree on the device: per hop the node rows, validity mask and node type.
+
+    Hop 0 holds the roots (B,); hop k has shape (B, f1, ..., fk).
+    """
+
+    rows: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    types: list[int]
+
+    @classmethod
+    def from_numpy(
+        cls, rows: list[np.ndarray], masks: list[np.ndarray], types: list[int], device: torch.device
+    ) -> Tree:
+        """Move a ``GraphStore.sample`` result to ``device``."""
+        return cls(
+            [torch.from_numpy(r).to(device) for r in rows], [torch.from_numpy(m).to(device) for m in masks], types
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows[0])
+
+    def select(self, idx: torch.Tensor) -> Tree:
+        """The sub-tree of the roots at positions ``idx``."""
+        return Tree([r[idx] for r in self.rows], [m[idx] for m in self.masks], self.types)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over its second-to-last axis where ``mask``; rows with no valid entry give zeros."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=-2) / w.sum(dim=-2).clamp_min(1.0)
+
+
+class MeanAggregation(torch.nn.Module):
+    """One GraphSAGE-style layer ``W_self·h + W_nbr·mean(neighbours)``, initialised to LightGCN-like halving."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.self_lin = torch.nn.Linear(dim, dim, bias=False)
+        self.nbr_lin = torch.nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.self_lin.weight.copy_(0.5 * torch.eye(dim))
+            self.nbr_lin.weight.copy_(0.5 * torch.eye(dim))
+
+    def forward(self, h: torch.Tensor, nbr_mean: torch.Tensor) -> torch.Tensor:
+        """Combine a node's state with the mean of its neighbours' states."""
+        return self.self_lin(h) + self.nbr_lin(nbr_mean)
+
+
+class GraphEncoder(torch.nn.Module):
+    """Per node type an id table (sparse grads) plus an optional side-feature projection; shared dense layers.
+
+    The output is the L2-normalised mean of the root's states after 0..n_layers layers (LightGCN's layer
+    combination), so a node with few events still gets most of its embedding from its neighbours.
+    """
+
+    def __init__(self, dim: int, n_types: int, n_layers: int = 2, feature_dims: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.dim = dim
+        self.n_layers = n_layers
+        self.tables = torch.nn.ModuleList([GrowableEmbedding(dim) for _ in range(n_types)])
+        dims = tuple(feature_dims) + (0,) * (n_types - len(feature_dims))
+        self.feature_dims = dims
+        self.projections = torch.nn.ModuleList([torch.nn.Linear(max(d, 1), dim, bias=False) for d in dims])
+        for t, d in enumerate(dims):
+            self.register_buffer(f"features_{t}", torch.zeros(1024 if d else 0, d))
+        self.layers = torch.nn.ModuleList([MeanAggregation(dim) for _ in range(n_layers)])
+
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """The dense parameters every task shares (aggregation layers and feature projections): MGDA's target."""
+        return [p for p in self.layers.parameters()] + [
+            p for t, proj in enumerate(self.projections) if self.feature_dims[t] for p in proj.parameters()
+        ]
+
+    def dense_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters with dense gradients (for Adam)."""
+        return list(self.layers.parameters()) + list(self.projections.parameters())
+
+    def features(self, node_type: int) -> torch.Tensor:
+        """The side-feature matrix of ``node_type`` (rows × feature dim; zero rows where unset)."""
+        return getattr(self, f"features_{node_type}")
+
+    def set_features(self, node_type: int, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store side features for ``rows`` of ``node_type``; the matrix grows as needed."""
+        feats = self.features(node_type)
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if need > len(feats):
+            grown = torch.zeros(max(need, 2 * len(feats)), feats.shape[1], device=feats.device)
+            grown[: len(feats)] = feats
+            setattr(self, f"features_{node_type}", grown)
+        self.features(node_type)[rows] = values.to(feats.device, feats.dtype)
+
+    def inputs_of(self, rows: torch.Tensor, node_type: int) -> torch.Tensor:
+        """Layer-0 input of ``rows``: id embedding plus projected side features (when configured)."""
+        x = self.tables[node_type](rows)
+        if self.feature_dims[node_type]:
+            feats = self.features(node_type)
+            inside = rows < len(feats)
+            f = feats[rows.clamp_max(max(len(feats) - 1, 0))] * inside.unsqueeze(-1)
+            x = x + self.projections[node_type](f)
+        return x
+
+    def inputs(self, tree: Tree) -> list[torch.Tensor]:
+        """Layer-0 inputs of every hop of ``tree``."""
+        return self.batched_inputs([tree])[0]
+
+    def batched_inputs(self, trees: list[Tree]) -> list[list[torch.Tensor]]:
+        """Inputs of every hop of several trees with a single table lookup per node type.
+
+        One lookup (then ``split``) yields one sparse gradient per table; separate lookups would make autograd
+        add many sparse gradients, which costs ~10× more on CPU.
+        """
+        out: list[list[torch.Tensor | None]] = [[None] * len(tree.rows) for tree in trees]
+        for t in {t for tree in trees for t in tree.types}:
+            parts = [
+                (k, j, r)
+                for k, tree in enumerate(trees)
+                for j, (r, tt) in enumerate(zip(tree.rows, tree.types))
+                if tt == t
+            ]
+            x = self.inputs_of(torch.cat([r.reshape(-1) for _, _, r in parts]), t)
+            for (k, j, r), piece in zip(parts, torch.split(x, [r.numel() for _, _, r in parts])):
+                out[k][j] = piece.reshape(*r.shape, self.dim)
+        return out  # type: ignore[return-value]
+
+    def propagate(
+        self,
+        xs: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        noise: float = 0.0,
+        gen: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the layers bottom-up over the tree; returns (normalised root embedding, hop-1 states after layer 1).
+
+        ``noise`` > 0 perturbs every layer's output (SimGCL views).
+        """
+        hs, outs, hop1 = list(xs), [xs[0]], xs[1] if len(xs) > 1 else xs[0]
+        for k, layer in enumerate(self.layers):
+            hs = [perturb(layer(hs[j], masked_mean(hs[j + 1], masks[j + 1])), noise, gen) for j in range(len(hs) - 1)]
+            outs.append(hs[0])
+            if k == 0 and len(hs) > 1:
+                hop1 = hs[1]
+        return F.normalize(torch.stack(outs).mean(dim=0), dim=-1), hop1
+
+    def forward(self, tree: Tree) -> torch.Tensor:
+        """Normalised embeddings of the tree's roots."""
+        return self.propagate(self.inputs(tree), tree.masks)[0]
+
+    @torch.no_grad()
+    def infer(
+        self,
+        rows: np.ndarray,
+        node_type: int,
+        adjacency: dict[int, torch.Tensor],
+        other: dict[int, int],
+        chunk: int = 8192,
+    ) -> torch.Tensor:
+        """Deterministic embeddings using every buffered neighbour, layer by layer over the whole graph.
+
+        ``adjacency[t]`` is the row-normalised sparse matrix of type-t nodes over their neighbours and
+        ``other[t]`` the neighbours' type (see ``GraphStore.adjacency``).
+        """
+        types = sorted(adjacency)
+        dev = self.tables[0].weight.device
+        states = {
+            t: [
+                torch.cat(
+                    [
+                        self.inputs_of(torch.arange(s, min(s + chunk, adjacency[t].shape[0]), device=dev), t)
+                        for s in range(0, max(adjacency[t].shape[0], 1), chunk)
+                    ]
+                )[: adjacency[t].shape[0]]
+            ]
+            for t in types
+        }
+        for layer in self.layers:
+            nxt = {t: layer(states[t][-1], torch.sparse.mm(adjacency[t], states[other[t]][-1])) for t in types}
+            for t in types:
+                states[t].append(nxt[t])
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
+        return F.normalize(torch.stack([s[idx] for s in states[node_type]]).mean(dim=0), dim=-1)

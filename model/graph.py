@@ -1,0 +1,271 @@
+"""The live interaction graph: per node a bounded ring buffer of its most recent neighbours, sampled in numpy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model.tables import IdIndex
+
+USER, ITEM = 0, 1
+
+
+class RingBuffers:
+    """For each row, the last ``capacity`` neighbour rows and their event times (O(1) append per edge).
+
+    ``count[r]`` is how many edges row r received since it was last cleared; slot ``count % capacity``
+    is written next, so once full the oldest neighbour is overwritten first.
+
+    >>> rb = RingBuffers(capacity=2)
+    >>> rb.append(np.array([0, 0, 0]), np.array([5, 6, 7]), np.array([1, 2, 3]))
+    >>> sorted(rb.nbr[0].tolist()), int(rb.count[0])
+    ([6, 7], 3)
+    """
+
+    def __init__(self, capacity: int, rows: int = 1024) -> None:
+        self.capacity = capacity
+        self.nbr = np.zeros((rows, capacity), dtype=np.int64)
+        self.ts = np.zeros((rows, capacity), dtype=np.int64)
+        self.count = np.zeros(rows, dtype=np.int64)
+        self.last_ts = np.zeros(rows, dtype=np.int64)
+
+    def grow(self, n_rows: int) -> None:
+        """Ensure at least ``n_rows`` rows (capacity doubles)."""
+        old = len(self.count)
+        if n_rows <= old:
+            return
+        new = max(n_rows, 2 * old)
+        for name in ("nbr", "ts", "count", "last_ts"):
+            arr = getattr(self, name)
+            grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
+            grown[:old] = arr
+            setattr(self, name, grown)
+
+    def append(self, src: np.ndarray, dst: np.ndarray, ts: np.ndarray) -> None:
+        """Append edges src→dst in event order, vectorised (several edges per src are fine).
+
+        An edge already buffered only refreshes its time, so a repeated interaction does not crowd out others.
+        """
+        if not len(src):
+            return
+        src, dst, ts = self._refresh_known(src, dst, ts)
+        if not len(src):
+            return
+        order = np.argsort(src, kind="stable")
+        s, d, t = src[order], dst[order], ts[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        sizes = np.diff(np.r_[starts, len(s)])
+        rank = np.arange(len(s)) - np.repeat(starts, sizes)
+        keep = rank >= np.repeat(sizes, sizes) - self.capacity  # older edges would be overwritten anyway
+        slot = (self.count[s[keep]] + rank[keep]) % self.capacity
+        self.nbr[s[keep], slot] = d[keep]
+        self.ts[s[keep], slot] = t[keep]
+        self.count[s[starts]] += sizes
+        np.maximum.at(self.last_ts, s, t)
+
+    def _refresh_known(
+        self, src: np.ndarray, dst: np.ndarray, ts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Refresh edges already buffered; return the new ones, each (src, dst) pair once (its last event)."""
+        present = (self.nbr[src] == dst[:, None]) & self.valid(src, None)
+        hit = present.any(axis=1)
+        if hit.any():
+            rows, slot = src[hit], present[hit].argmax(axis=1)
+            np.maximum.at(self.ts, (rows, slot), ts[hit])
+            np.maximum.at(self.last_ts, rows, ts[hit])
+            src, dst, ts = src[~hit], dst[~hit], ts[~hit]
+        rev = np.arange(len(src))[::-1]
+        _, last = np.unique(np.stack([src[rev], dst[rev]], axis=1), axis=0, return_index=True)
+        keep = np.sort(rev[last])
+        return src[keep], dst[keep], ts[keep]
+
+    def valid(self, rows: np.ndarray, cutoff: int | None) -> np.ndarray:
+        """(len(rows), capacity) mask of filled slots whose edge is not older than ``cutoff``."""
+        filled = np.arange(self.capacity)[None, :] < np.minimum(self.count[rows], self.capacity)[:, None]
+        if cutoff is not None:
+            filled &= self.ts[rows] >= cutoff
+        return filled
+
+    def sample(
+        self, rows: np.ndarray, fanout: int, cutoff: int | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``fanout`` distinct valid neighbours per row: (rows, mask), both (len(rows), fanout)."""
+        valid = self.valid(rows, cutoff)
+        nbr = self.nbr[rows]
+        if fanout >= self.capacity:
+            pad = fanout - self.capacity
+            return np.pad(nbr, ((0, 0), (0, pad))), np.pad(valid, ((0, 0), (0, pad)))
+        keys = rng.random(valid.shape, dtype=np.float32)
+        keys[~valid] = 2.0
+        pick = np.argpartition(keys, fanout - 1, axis=1)[:, :fanout]
+        return np.take_along_axis(nbr, pick, axis=1), np.take_along_axis(valid, pick, axis=1)
+
+    def clear(self, rows: np.ndarray) -> None:
+        """Forget every neighbour of ``rows``."""
+        self.count[rows] = 0
+
+
+class GraphStore:
+    """Bipartite user–item or user–user interaction graph fed by events, with TTL eviction and fanout sampling.
+
+    In ``bipartite`` mode users and items are separate node types (0 and 1) with their own ids; in
+    ``user_user`` mode (friend recommendation) both ends of an event are users (type 0) and
+    ``symmetric`` says whether an edge u→v is also stored as v→u. Rows idle for more than
+    ``ttl_ms`` of event time are cleared by ``evict`` and edges older than that are never sampled.
+
+    >>> g = GraphStore(capacity=4)
+    >>> _ = g.add_events(np.array([10, 11]), np.array([7, 7]), np.array([0, 0]))
+    >>> rows, masks, types = g.sample(np.array([0]), USER, [2, 2])
+    >>> [r.shape for r in rows], types
+    ([(1,), (1, 2), (1, 2, 2)], [0, 1, 0])
+    """
+
+    def __init__(
+        self,
+        mode: Literal["bipartite", "user_user"] = "bipartite",
+        symmetric: bool | None = None,
+        capacity: int = 32,
+        ttl_ms: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("bipartite", "user_user"):
+            raise ValueError(f"unknown graph mode {mode!r}")
+        if mode == "user_user" and symmetric is None:
+            raise ValueError("user_user mode needs symmetric=True or False stated explicitly")
+        self.mode = mode
+        self.symmetric = bool(symmetric)
+        self.capacity = capacity
+        self.ttl_ms = ttl_ms
+        self.users = IdIndex()
+        self.items = IdIndex() if mode == "bipartite" else self.users
+        self.buffers = [RingBuffers(capacity)] + ([RingBuffers(capacity)] if mode == "bipartite" else [])
+        self.degree = np.zeros(1024, dtype=np.int64)
+        self.generation = 0
+        self._now: int | None = None
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def n_types(self) -> int:
+        """Node types: 2 for bipartite, 1 for user–user."""
+        return len(self.buffers)
+
+    @property
+    def item_type(self) -> int:
+        """The node type of the item side of an event."""
+        return ITEM if self.mode == "bipartite" else USER
+
+    def n_rows(self, node_type: int) -> int:
+        """Rows assigned so far for ``node_type``."""
+        return len(self.users) if node_type == USER else len(self.items)
+
+    def other(self, node_type: int) -> int:
+        """Type of the neighbours of a ``node_type`` node."""
+        return 1 - node_type if self.mode == "bipartite" else node_type
+
+    def cutoff(self) -> int | None:
+        """Oldest event time still alive, or None without TTL."""
+        if self.ttl_ms is None or self._now is None:
+            return None
+        return self._now - self.ttl_ms
+
+    def add_events(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, ts_ms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Map raw ids to rows (new ids get new rows), append the edges, count user degrees; returns the rows."""
+        u = self.users.add(np.asarray(user_ids, dtype=np.int64))
+        i = self.items.add(np.asarray(item_ids, dtype=np.int64))
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        for t in range(self.n_types):
+            self.buffers[t].grow(self.n_rows(t))
+        if len(self.degree) < len(self.users):
+            self.degree = np.pad(self.degree, (0, max(len(self.users), 2 * len(self.degree)) - len(self.degree)))
+        np.add.at(self.degree, u, 1)
+        if self.mode == "bipartite":
+            self.buffers[USER].append(u, i, ts)
+            self.buffers[ITEM].append(i, u, ts)
+        elif self.symmetric:
+            self.buffers[USER].append(np.r_[u, i], np.r_[i, u], np.r_[ts, ts])
+        else:
+            self.buffers[USER].append(u, i, ts)
+        if len(ts):
+            self._now = int(ts.max()) if self._now is None else max(self._now, int(ts.max()))
+        self.generation += 1
+        return u, i
+
+    def evict(self) -> int:
+        """Clear rows idle for longer than the TTL; returns how many rows were cleared."""
+        cutoff = self.cutoff()
+        if cutoff is None:
+            return 0
+        evicted = 0
+        for t, rb in enumerate(self.buffers):
+            n = self.n_rows(t)
+            idle = np.flatnonzero((rb.count[:n] > 0) & (rb.last_ts[:n] < cutoff))
+            rb.clear(idle)
+            evicted += len(idle)
+        if evicted:
+            self.generation += 1
+        return evicted
+
+    def sample(
+        self, rows: np.ndarray, node_type: int, fanouts: list[int], rng: np.random.Generator | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """Sampled computation tree of ``rows``: per hop the neighbour rows, validity masks and node type.
+
+        Hop k has shape (len(rows), f1, ..., fk); a child of an invalid slot is invalid. ``rng`` defaults
+        to the store's own generator.
+        """
+        rng = self._rng if rng is None else rng
+        rows = np.asarray(rows, dtype=np.int64)
+        level_rows, masks, types = [rows], [np.ones(len(rows), dtype=bool)], [node_type]
+        cutoff = self.cutoff()
+        for fanout in fanouts:
+            parent, parent_mask, t = level_rows[-1], masks[-1], types[-1]
+            nbr, ok = self.buffers[t].sample(parent.reshape(-1), fanout, cutoff, rng)
+            shape = (*parent.shape, nbr.shape[1])
+            level_rows.append(nbr.reshape(shape))
+            masks.append(ok.reshape(shape) & parent_mask[..., None])
+            types.append(self.other(t))
+        return level_rows, masks, types
+
+    def adjacency(self, node_type: int) -> torch.Tensor:
+        """Row-normalised sparse (rows × neighbour rows) matrix over every buffered, unexpired edge."""
+        n, m = self.n_rows(node_type), self.n_rows(self.other(node_type))
+        rb = self.buffers[node_type]
+        valid = rb.valid(np.arange(n), self.cutoff())
+        r, c = np.nonzero(valid)
+        deg = np.maximum(valid.sum(axis=1), 1).astype(np.float32)
+        idx = torch.from_numpy(np.stack([r, rb.nbr[r, c]]))
+        vals = torch.from_numpy(1.0 / deg[r])
+        return torch.sparse_coo_tensor(idx, vals, (n, m), check_invariants=False).coalesce()
+
+    def user_degree(self, user_ids: np.ndarray) -> np.ndarray:
+        """Lifetime number of events per user (as the user side); a small number marks a cold user."""
+        return self.degree[self.users.lookup(np.asarray(user_ids, dtype=np.int64))]
+
+    def state_dict(self) -> dict:
+        """Id maps, ring buffers, degrees and clock as tensors."""
+        state: dict = {"users": self.users.state_dict(), "degree": torch.from_numpy(self.degree.copy())}
+        if self.mode == "bipartite":
+            state["items"] = self.items.state_dict()
+        for t, rb in enumerate(self.buffers):
+            for name in ("nbr", "ts", "count", "last_ts"):
+                state[f"{t}.{name}"] = torch.from_numpy(getattr(rb, name).copy())
+        state["now"] = torch.tensor(-1 if self._now is None else self._now, dtype=torch.int64)
+        state["has_now"] = self._now is not None
+        state["generation"] = self.generation
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``."""
+        self.users.load_state_dict(state["users"])
+        if self.mode == "bipartite":
+            self.items.load_state_dict(state["items"])
+        self.degree = state["degree"].numpy().copy()
+        for t, rb in enumerate(self.buffers):
+            for name in ("nbr", "ts", "count", "last_ts"):
+                setattr(rb, name, state[f"{t}.{name}"].numpy().copy())
+        self._now = int(state["now"]) if state["has_now"] else None
+        self.generation = int(state["generation"]) + 1

@@ -1,0 +1,308 @@
+"""SSMTL: a graph encoder trained per micro-batch on retrieval plus self-supervised tasks (fixed or MGDA weights)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model.balancing import make_balancer
+from model.base import Batch, TrainReport
+from model.encoder import GraphEncoder, Tree
+from model.frequency import ItemFrequency
+from model.graph import USER, GraphStore
+from model.replay import Reservoir
+from model.tables import regrow_optimizer_state
+from model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
+from model.two_tower import finite_step, pick_device
+
+DEFAULT_WEIGHTS = {"retrieval": 1.0, "cca_ssg": 0.05, "graphmae": 0.1, "infonce": 0.1}
+
+
+class _Optimizers:
+    """SparseAdam (id tables) and Adam (dense parameters) stepped as one, so ``finite_step`` guards both."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """All parameter groups of both optimisers."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every gradient."""
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """Step both optimisers."""
+        for o in self.optimizers:
+            o.step()
+
+
+class SSMTLModel:
+    """Self-supervised multi-task graph retrieval model (Snap's SSMTL with ParetoGNN's MGDA), trained incrementally.
+
+    Each ``fit_batch`` adds the events to the live graph, then runs ``steps_per_batch`` passes over the new
+    events mixed with ``replay_ratio``·len(batch) events replayed from a reservoir of past events, in chunks
+    of at most ``max_step_size``. Every step samples a subgraph around the chunk's users and items
+    (``fanouts``), computes each enabled task's loss, weights them ("fixed" or "mgda") and takes one guarded
+    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``.
+    Embeddings for serving use every buffered neighbour (deterministic, full-graph layer-wise inference).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 64,
+        lr: float = 0.01,
+        dense_lr: float = 0.001,
+        temperature: float = 0.1,
+        logq: bool = True,
+        n_negatives: int = 0,
+        fanouts: tuple[int, ...] = (10, 5),
+        neighbour_capacity: int = 32,
+        ttl_ms: int | None = None,
+        graph_mode: Literal["bipartite", "user_user"] = "bipartite",
+        symmetric: bool | None = None,
+        tasks: tuple[str, ...] = ("retrieval", "cca_ssg", "graphmae"),
+        task_weights: dict[str, float] | None = None,
+        balancing: Literal["fixed", "mgda"] = "fixed",
+        cca_fraction: float = 0.25,
+        cca_lambda: float = 1e-3,
+        edge_drop: float = 0.2,
+        feature_drop: float = 0.2,
+        mae_fraction: float = 0.25,
+        mae_mask_rate: float = 0.5,
+        mae_alpha: float = 2.0,
+        infonce_fraction: float = 0.25,
+        infonce_eps: float = 0.1,
+        infonce_temperature: float = 0.2,
+        reservoir_size: int = 100_000,
+        replay_ratio: float = 0.25,
+        steps_per_batch: int = 1,
+        max_step_size: int = 2048,
+        user_feature_dim: int = 0,
+        item_feature_dim: int = 0,
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        unknown = set(tasks) - set(DEFAULT_WEIGHTS)
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {sorted(DEFAULT_WEIGHTS)}; got {tasks}")
+        torch.manual_seed(seed)
+        self.dim, self.lr, self.dense_lr, self.fanouts = dim, lr, dense_lr, tuple(fanouts)
+        self.n_negatives, self.replay_ratio = n_negatives, replay_ratio
+        self.steps_per_batch, self.max_step_size = steps_per_batch, max_step_size
+        self.balancing, self.seed = balancing, seed
+        self.task_weights = {**DEFAULT_WEIGHTS, **(task_weights or {})}
+        self.device = pick_device(device)
+        self.graph = GraphStore(graph_mode, symmetric, neighbour_capacity, ttl_ms, seed)
+        feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
+        self.encoder = GraphEncoder(dim, self.graph.n_types, len(self.fanouts), feature_dims).to(self.device)
+        built: dict[str, Task] = {
+            "retrieval": RetrievalTask(temperature, logq),
+            "cca_ssg": CCASSGTask(cca_fraction, cca_lambda, edge_drop, feature_drop),
+            "graphmae": GraphMAETask(dim, mae_fraction, mae_mask_rate, mae_alpha),
+            "infonce": InfoNCETask(infonce_fraction, infonce_eps, infonce_temperature),
+        }
+        self.tasks = torch.nn.ModuleDict({name: built[name] for name in tasks}).to(self.device)
+        self.balancer = make_balancer(balancing, self.task_weights)
+        self.frequency = ItemFrequency()
+        self.reservoir = Reservoir(reservoir_size, seed)
+        self._is_target = np.zeros(0, dtype=bool)
+        self._optimizer = self._new_optimizer()
+        self._version = 0
+        self._rng = np.random.default_rng(seed)
+        self._cache: tuple[tuple[int, int], dict[int, torch.Tensor]] | None = None
+
+    def _new_optimizer(self) -> _Optimizers:
+        sparse = torch.optim.SparseAdam([t.weight for t in self.encoder.tables], lr=self.lr)
+        dense = torch.optim.Adam(self.encoder.dense_parameters() + list(self.tasks.parameters()), lr=self.dense_lr)
+        return _Optimizers(sparse, dense)
+
+    @property
+    def version(self) -> int:
+        """Optimiser steps applied so far."""
+        return self._version
+
+    def _grow(self) -> None:
+        sparse = self._optimizer.optimizers[0]
+        for t, table in enumerate(self.encoder.tables):
+            old = table.weight
+            if table.grow_to(self.graph.n_rows(t)):
+                regrow_optimizer_state(sparse, old, table.weight)
+
+    def fit_batch(self, batch: Batch) -> TrainReport:
+        """Add the batch to the graph, grow tables for new ids, and train on it mixed with replayed events."""
+        u, i = self.ingest(batch)
+        ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
+        self.reservoir.add(u, i, batch.weights)
+        users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
+        losses, task_losses, task_weights, skipped = [], {}, {}, 0
+        for _ in range(self.steps_per_batch):
+            order = self._rng.permutation(len(users))
+            for start in range(0, len(order), self.max_step_size):
+                idx = order[start : start + self.max_step_size]
+                if len(idx) < 2:
+                    continue
+                result = self._step(users[idx], items[idx], weights[idx])
+                if result is None:
+                    skipped += 1
+                    continue
+                total, per_task, per_weight = result
+                losses.append(total)
+                for name in per_task:
+                    task_losses.setdefault(name, []).append(per_task[name])
+                    task_weights.setdefault(name, []).append(per_weight[name])
+        mean = float(np.mean(losses)) if losses else float("nan")
+        return TrainReport(
+            loss=mean,
+            steps=len(losses),
+            task_losses={k: float(np.mean(v)) for k, v in task_losses.items()},
+            task_weights={k: float(np.mean(v)) for k, v in task_weights.items()},
+            skipped_steps=skipped,
+        )
+
+    def ingest(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Add events to the graph (TTL eviction, table growth, item frequencies) without training; returns rows."""
+        u, i = self.graph.add_events(batch.user_ids, batch.item_ids, batch.ts_ms)
+        self.graph.evict()
+        self._grow()
+        self._mark_targets(i)
+        self.frequency.update(i)
+        return u, i
+
+    def _mark_targets(self, item_rows: np.ndarray) -> None:
+        n = self.graph.n_rows(self.graph.item_type)
+        if len(self._is_target) < n:
+            self._is_target = np.pad(self._is_target, (0, n - len(self._is_target)))
+        self._is_target[item_rows] = True
+
+    def subgraph(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray, seed: int | None = None) -> Subgraph:
+        """Sample the computation trees of one step's events (user and item rows) around the live graph.
+
+        With ``seed`` every random choice (sampling, views) is repeatable; otherwise the model's stream is used.
+        """
+        dev, g, fanouts = self.device, self.graph, list(self.fanouts)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        sampled = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
+        neg_log_q = None
+        if self.n_negatives > 0:
+            n_items = g.n_rows(g.item_type)
+            sampled.append(g.sample(rng.integers(0, n_items, size=self.n_negatives), g.item_type, fanouts, rng))
+            neg_log_q = torch.full((self.n_negatives,), -float(np.log(n_items)), device=dev)
+        trees = [Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sampled]
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        return Subgraph(
+            users=trees[0],
+            items=trees[1],
+            item_rows=torch.from_numpy(items).to(dev),
+            log_q=torch.from_numpy(self.frequency.log_q(items)).float().to(dev),
+            weights=torch.from_numpy(weights).to(dev),
+            gen=gen,
+            rng=np.random.default_rng(int(rng.integers(2**62))),
+            negatives=trees[2] if len(trees) > 2 else None,
+            negative_log_q=neg_log_q,
+        )
+
+    def task_losses(self, subgraph: Subgraph) -> dict[str, torch.Tensor]:
+        """Every enabled task's loss on ``subgraph``."""
+        subgraph.prepare(self.encoder, [t.fraction for t in self.tasks.values() if t.fraction is not None])
+        return {name: task.loss(subgraph, self.encoder) for name, task in self.tasks.items()}
+
+    def _step(
+        self, users: np.ndarray, items: np.ndarray, weights: np.ndarray
+    ) -> tuple[float, dict[str, float], dict[str, float]] | None:
+        losses = self.task_losses(self.subgraph(users, items, weights))
+        if not all(torch.isfinite(v) for v in losses.values()):
+            self._optimizer.zero_grad()
+            return None
+        w = self.balancer.combine(losses, self.encoder.shared_parameters())
+        total = sum(w[name] * loss for name, loss in losses.items())
+        if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
+            return None
+        self._version += 1
+        return float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w
+
+    def _all_embeddings(self) -> dict[int, torch.Tensor]:
+        key = (self._version, self.graph.generation)
+        if self._cache is None or self._cache[0] != key:
+            g = self.graph
+            types = range(g.n_types)
+            adjacency = {t: g.adjacency(t).to(self.device) for t in types}
+            other = {t: g.other(t) for t in types}
+            full = {t: self.encoder.infer(np.arange(g.n_rows(t)), t, adjacency, other) for t in types}
+            self._cache = (key, full)
+        return self._cache[1]
+
+    def _embed(self, node_type: int, rows: np.ndarray) -> np.ndarray:
+        emb = self._all_embeddings()[node_type]
+        return emb[torch.from_numpy(rows).to(self.device)].cpu().numpy().astype(np.float32)
+
+    def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
+        """L2-normalised user vectors (unknown ids raise KeyError)."""
+        return self._embed(USER, self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64)))
+
+    def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
+        """L2-normalised item vectors (unknown ids raise KeyError)."""
+        rows = self.graph.items.lookup(np.asarray(item_ids, dtype=np.int64))
+        if self.graph.mode == "user_user" and not self._is_target[rows].all():
+            raise KeyError(int(np.asarray(item_ids)[~self._is_target[rows]][0]))
+        return self._embed(self.graph.item_type, rows)
+
+    def known_items(self) -> np.ndarray:
+        """Item ids seen so far (in user–user mode: users that appeared as targets)."""
+        ids = self.graph.items.ids()
+        return ids if self.graph.mode == "bipartite" else ids[self._is_target[: len(ids)]]
+
+    def known_users(self) -> np.ndarray:
+        """User ids seen so far (in user–user mode: every node)."""
+        return self.graph.users.ids()
+
+    def user_degree(self, user_ids: np.ndarray) -> np.ndarray:
+        """Lifetime events per user; small values mark cold users."""
+        return self.graph.user_degree(user_ids)
+
+    def set_side_features(self, side: Literal["user", "item"], ids: np.ndarray, values: np.ndarray) -> None:
+        """Attach dense side features to known ids (needs ``user_feature_dim``/``item_feature_dim`` > 0)."""
+        t = USER if side == "user" else self.graph.item_type
+        index = self.graph.users if side == "user" else self.graph.items
+        rows = torch.from_numpy(index.lookup(np.asarray(ids, dtype=np.int64))).to(self.device)
+        self.encoder.set_features(t, rows, torch.as_tensor(values, dtype=torch.float32))
+        self._cache = None
+
+    def state_dict(self) -> dict:
+        """Graph, encoder, task heads, frequency, reservoir, optimiser states and version (tensors/containers)."""
+        return {
+            "graph": self.graph.state_dict(),
+            "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
+            "tasks": {k: v.detach().cpu() for k, v in self.tasks.state_dict().items()},
+            "frequency": self.frequency.state_dict(),
+            "reservoir": self.reservoir.state_dict(),
+            "is_target": torch.from_numpy(self._is_target.copy()),
+            "sparse_optimizer": self._optimizer.optimizers[0].state_dict(),
+            "dense_optimizer": self._optimizer.optimizers[1].state_dict(),
+            "version": self._version,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()`` (table sizes follow the saved state)."""
+        self.graph.load_state_dict(state["graph"])
+        enc = dict(state["encoder"])
+        for t, table in enumerate(self.encoder.tables):
+            table.weight = torch.nn.Parameter(enc[f"tables.{t}.weight"].to(self.device))
+            self.encoder.register_buffer(f"features_{t}", enc[f"features_{t}"].to(self.device))
+        self.encoder.load_state_dict(enc)
+        self.tasks.load_state_dict(state["tasks"])
+        self.frequency.load_state_dict(state["frequency"])
+        self.reservoir.load_state_dict(state["reservoir"])
+        self._is_target = state["is_target"].numpy().copy()
+        self._optimizer = self._new_optimizer()
+        self._optimizer.optimizers[0].load_state_dict(state["sparse_optimizer"])
+        self._optimizer.optimizers[1].load_state_dict(state["dense_optimizer"])
+        self._version = int(state["version"])
+        self._rng = np.random.default_rng(self.seed + self._version)
+        self._cache = None

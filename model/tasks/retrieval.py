@@ -1,0 +1,44 @@
+"""The retrieval task: in-batch sampled softmax between user and item encodings, with logQ and hit masking."""
+
+from __future__ import annotations
+
+import torch
+
+from model.encoder import GraphEncoder
+from model.losses import sampled_softmax
+from model.tasks.base import Subgraph, Task
+
+
+class RetrievalTask(Task):
+    """Each event's user should score its item above the batch's other items (and any extra random negatives).
+
+    The logQ correction subtracts the log sampling share of each in-batch item, so popular items are
+    not over-penalised as negatives; in-batch copies of the positive item (accidental hits) are masked.
+    """
+
+    name = "retrieval"
+
+    def __init__(self, temperature: float = 0.1, logq: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.logq = logq
+
+    def loss(self, subgraph: Subgraph, encoder: GraphEncoder) -> torch.Tensor:
+        """Weighted in-batch sampled-softmax loss."""
+        xs = subgraph.inputs(encoder)
+        u = encoder.propagate(xs[0], subgraph.users.masks)[0]
+        v = encoder.propagate(xs[1], subgraph.items.masks)[0]
+        extra, extra_log_q = None, None
+        if subgraph.negatives is not None and len(subgraph.negatives):
+            extra = encoder.propagate(xs[2], subgraph.negatives.masks)[0]
+            extra_log_q = subgraph.negative_log_q if self.logq else None
+        return sampled_softmax(
+            u,
+            v,
+            subgraph.item_rows,
+            self.temperature,
+            log_q=subgraph.log_q if self.logq else None,
+            weights=subgraph.weights,
+            extra_keys=extra,
+            extra_log_q=extra_log_q,
+        )

@@ -1,0 +1,180 @@
+"""SSMTLModel end to end: the protocol, growth, guards, persistence, learning on a stream, cold start."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.backfill import backfill
+from model.base import Batch, RetrievalModel
+from model.ssmtl import SSMTLModel
+
+N_COMMUNITIES, USERS_PER, ITEMS_PER = 8, 40, 25
+
+
+def community_stream(n_batches: int, batch_size: int, seed: int = 0, p_in: float = 0.9):
+    """Users and items split into communities; a user clicks an item of its own community with prob ``p_in``."""
+    rng = np.random.default_rng(seed)
+    n_users = N_COMMUNITIES * USERS_PER
+    for b in range(n_batches):
+        users = rng.integers(0, n_users, batch_size)
+        own = users % N_COMMUNITIES
+        comm = np.where(rng.random(batch_size) < p_in, own, rng.integers(0, N_COMMUNITIES, batch_size))
+        items = 10_000 + comm + N_COMMUNITIES * rng.integers(0, ITEMS_PER, batch_size)
+        ts = np.full(batch_size, b * 1000, dtype=np.int64)
+        yield Batch.of(users, items, ts_ms=ts)
+
+
+def small(**kw) -> SSMTLModel:
+    args = dict(dim=16, fanouts=(5, 3), lr=0.05, dense_lr=0.005, device="cpu", seed=0)
+    return SSMTLModel(**{**args, **kw})
+
+
+def prequential_recall(model: SSMTLModel, batch: Batch, k: int = 10) -> float:
+    """Share of the batch's events (known user and item) whose item is in the user's top-k before training."""
+    known_items = model.known_items()
+    if len(known_items) < k:
+        return float("nan")
+    known_users = set(model.graph.users.ids().tolist())
+    item_set = set(known_items.tolist())
+    sel = [j for j, (u, i) in enumerate(zip(batch.user_ids, batch.item_ids)) if u in known_users and i in item_set]
+    if not sel:
+        return float("nan")
+    u = model.user_embeddings(batch.user_ids[sel])
+    v = model.item_embeddings(known_items)
+    top = np.argsort(-(u @ v.T), axis=1)[:, :k]
+    return float(np.mean([batch.item_ids[j] in known_items[top[r]] for r, j in enumerate(sel)]))
+
+
+def test_implements_protocol_and_reports_tasks():
+    m = small(balancing="mgda")
+    assert isinstance(m, RetrievalModel)
+    report = m.fit_batch(next(community_stream(1, 256)))
+    assert report.steps == 1 and m.version == 1
+    assert set(report.task_losses) == set(report.task_weights) == {"retrieval", "cca_ssg", "graphmae"}
+    assert all(np.isfinite(v) for v in report.task_losses.values())
+    assert min(report.task_weights.values()) >= 0
+    simplex = m.balancer.last_simplex
+    assert set(simplex) == set(report.task_weights) and sum(simplex.values()) == pytest.approx(1.0, abs=1e-5)
+    emb = m.user_embeddings(np.array([0, 1]))
+    assert emb.shape == (2, 16) and emb.dtype == np.float32
+    assert np.linalg.norm(emb, axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
+    with pytest.raises(KeyError):
+        m.user_embeddings(np.array([999_999]))
+    with pytest.raises(KeyError):
+        m.item_embeddings(np.array([5]))
+
+
+def test_tasks_switch_off_and_fixed_weights_reported():
+    m = small(tasks=("retrieval", "graphmae"), task_weights={"graphmae": 0.3})
+    report = m.fit_batch(next(community_stream(1, 128)))
+    assert report.task_weights == {"retrieval": 1.0, "graphmae": 0.3}
+    with pytest.raises(ValueError):
+        small(tasks=("nope",))
+
+
+def test_new_ids_grow_tables_without_restart():
+    m = small(tasks=("retrieval",))
+    for b in range(3):
+        users = np.arange(b * 1500, (b + 1) * 1500)
+        m.fit_batch(Batch.of(users, users + 1_000_000))
+    assert len(m.known_items()) == 4500
+    assert m.encoder.tables[0].capacity >= 4500
+    assert m.user_embeddings(np.array([4499])).shape == (1, 16)
+
+
+def test_non_finite_loss_skips_step_and_keeps_weights():
+    m = small()
+    m.fit_batch(next(community_stream(1, 128)))
+    before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
+    version = m.version
+    bad = next(community_stream(1, 128, seed=1))
+    bad = Batch(bad.user_ids, bad.item_ids, np.full(128, np.nan, np.float32), bad.ts_ms)
+    report = m.fit_batch(bad)
+    assert report.skipped_steps == 1 and report.steps == 0 and m.version == version
+    for k, v in m.encoder.state_dict().items():
+        if k.startswith("tables"):
+            n = before[k].shape[0]
+            assert torch.equal(v[:n], before[k])
+        else:
+            assert torch.equal(v, before[k])
+
+
+def test_state_dict_round_trip_gives_identical_embeddings(tmp_path):
+    m = small(ttl_ms=10_000_000)
+    for batch in community_stream(3, 256):
+        m.fit_batch(batch)
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    clone = small(ttl_ms=10_000_000)
+    clone.load_state_dict(torch.load(path, weights_only=True))
+    users, items = m.graph.users.ids(), m.known_items()
+    assert clone.version == m.version
+    assert np.array_equal(m.user_embeddings(users), clone.user_embeddings(users))
+    assert np.array_equal(m.item_embeddings(items), clone.item_embeddings(items))
+    report = clone.fit_batch(next(community_stream(1, 256, seed=9)))  # and it keeps training
+    assert report.steps == 1
+
+
+@pytest.mark.parametrize("balancing", ["fixed", "mgda"])
+def test_learns_on_a_stream_prequential_recall_rises(balancing):
+    m = small(replay_ratio=0.25, reservoir_size=2000, balancing=balancing)
+    recalls = []
+    for batch in community_stream(30, 256):
+        recalls.append(prequential_recall(m, batch))
+        m.fit_batch(batch)
+    early, late = np.nanmean(recalls[1:6]), np.nanmean(recalls[-5:])
+    chance = 10 / (N_COMMUNITIES * ITEMS_PER)
+    # knowing only communities caps recall@10 at 0.9 · 10/25 = 0.36; chance is 10/200
+    assert late > max(early + 0.05, 3 * chance), (early, late)
+
+
+def test_cold_user_lands_near_its_community():
+    m = small()
+    for batch in community_stream(25, 256):
+        m.fit_batch(batch)
+    cold_user, community = 77_777, 3
+    items = 10_000 + community + N_COMMUNITIES * np.array([0, 1])  # two events in community 3
+    warm = next(community_stream(1, 254, seed=5))
+    m.fit_batch(Batch.of(np.r_[warm.user_ids, [cold_user] * 2], np.r_[warm.item_ids, items]))
+    assert m.user_degree(np.array([cold_user])).tolist() == [2]
+    u = m.user_embeddings(np.array([cold_user]))[0]
+    all_items = m.known_items()
+    scores = m.item_embeddings(all_items) @ u
+    own = (all_items - 10_000) % N_COMMUNITIES == community
+    assert scores[own].mean() > scores[~own].mean() + 0.1
+    # rank of the community among all items: its items fill the top far above chance
+    top = all_items[np.argsort(-scores)[:ITEMS_PER]]
+    assert np.mean((top - 10_000) % N_COMMUNITIES == community) > 0.5
+
+
+def test_user_user_mode_trains_and_serves_targets():
+    m = small(graph_mode="user_user", symmetric=True)
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 100, 300)
+    friends = (users + rng.integers(1, 5, 300)) % 100
+    report = m.fit_batch(Batch.of(users, friends))
+    assert report.steps == 1
+    targets = m.known_items()
+    assert set(targets.tolist()) == set(friends.tolist())
+    assert m.item_embeddings(targets).shape == (len(targets), 16)
+
+
+def test_side_features_feed_the_encoder():
+    m = small(item_feature_dim=3, tasks=("retrieval",))
+    batch = next(community_stream(1, 128))
+    m.fit_batch(batch)
+    items = m.known_items()[:5]
+    before = m.item_embeddings(items)
+    m.set_side_features("item", items, np.ones((5, 3), np.float32))
+    assert not np.allclose(before, m.item_embeddings(items))
+    assert m.fit_batch(batch).steps == 1
+
+
+def test_backfill_runs_epochs_and_respects_the_budget():
+    m = small(tasks=("retrieval",))
+    batches = list(community_stream(4, 128))
+    summary = backfill(m, lambda: iter(batches), epochs=3, progress=False)
+    assert summary.epochs == 3 and summary.batches == 12 and summary.steps == 12
+    assert len(summary.epoch_losses) == 3 and summary.epoch_losses[-1] < summary.epoch_losses[0]
+    short = backfill(m, lambda: iter(batches), epochs=100, progress=False, max_seconds=0.0)
+    assert short.stopped_early and short.batches == 1
