@@ -1,0 +1,1 @@
+"""Benchmark suites for ebrflow: ``python -m bench.<suite>`` writes bench/results/<suite>.{json,md,png}."""

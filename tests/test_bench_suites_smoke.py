@@ -1,0 +1,153 @@
+"""Every benchmark suite's --smoke mode runs end to end into a tmp dir and writes finite numbers; the shared
+evaluation and the vectorised river scoring are checked against hand-computed answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.common import DATASETS, evaluate_stream
+from bench.scorers import PopularityScorer, river_factory, river_scores
+from stream.generator import EventArrays
+
+COMMON_KEYS = {"suite", "title", "command", "machine", "settings", "results", "tables", "notes", "plots", "wall_s"}
+
+
+def numbers(obj: Any) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in numbers(v)]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [float(obj)]
+    return []
+
+
+def load(out: Path, suite: str) -> dict:
+    payload = json.loads((out / f"{suite}.json").read_text())
+    assert COMMON_KEYS <= set(payload), set(COMMON_KEYS) - set(payload)
+    assert payload["smoke"] is True and payload["tables"]
+    assert (out / f"{suite}.md").read_text().startswith("## ")
+    for plot in payload["plots"]:
+        assert (out / plot).stat().st_size > 0
+    return payload
+
+
+def finite(*values: Any) -> None:
+    for v in values:
+        assert v is not None and math.isfinite(v), v
+
+
+def test_shared_evaluation_by_hand() -> None:
+    # batch 1: u1→10, u1→11, u2→10 ; batch 2: u1→10 (repeat: not scored), u2→11 (scored), u3→10 (new user: miss)
+    events = EventArrays(np.array([1, 1, 2, 1, 2, 3]), np.array([10, 11, 10, 10, 11, 10]), np.arange(6, dtype=np.int64))
+    res = evaluate_stream(events, PopularityScorer("pop", half_life=None), batch_size=3, k=1)
+    first, second = res.per_batch
+    assert (first.n, first.hits) == (3, 0)  # nothing seen before: every user is new
+    # u2 has seen 10, so its top-1 is 11 → hit at rank 0; u3 is unknown → miss; u1's repeat is not scored
+    assert (second.n, second.hits, second.n_new_user) == (2, 1, 1)
+    assert second.ndcg == pytest.approx(1.0)
+    assert res.total()["recall"] == pytest.approx(1 / 5)
+
+
+@pytest.mark.parametrize("kind", ["FunkMF", "BiasedMF"])
+def test_river_vectorised_scores_equal_predict_one(kind: str) -> None:
+    model = river_factory(kind, n_factors=4, lr=0.05)
+    rng = np.random.default_rng(0)
+    for u, i in zip(rng.integers(0, 20, 300).tolist(), rng.integers(0, 30, 300).tolist()):
+        model.learn_one(u, i, float(rng.random() < 0.5))
+    users, items = np.array([0, 3, 7]), np.array([1, 2, 5, 29])
+    fast = river_scores(model, users, items)
+    slow = np.array([[model.predict_one(u, i) for i in items.tolist()] for u in users.tolist()])
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
+
+
+def test_quality_smoke(tmp_path: Path) -> None:
+    if not all(path.exists() for path, _ in DATASETS.values()):
+        pytest.skip("shared datasets not available beside the checkout")
+    from bench import quality
+
+    assert quality.main(["--smoke", "--out", str(tmp_path)]) == 0
+    p = load(tmp_path, "quality")
+    for name in DATASETS:
+        res = p["results"][name]
+        assert res["scored_events"] > 0
+        assert {"ebrflow TwoTower (defaults)", "river FunkMF (defaults)", "river BiasedMF (defaults)"} <= set(
+            res["methods"]
+        )
+        assert "most popular recently (defaults)" in res["methods"]
+        for m in res["methods"].values():
+            finite(m["all"]["recall"], m["all"]["ndcg"], m["learn_s"], m["score_s"])
+            assert 0.0 <= m["all"]["recall"] <= 1.0
+
+
+def test_throughput_smoke(tmp_path: Path) -> None:
+    from bench import throughput
+
+    assert throughput.main(["--smoke", "--out", str(tmp_path)]) == 0
+    p = load(tmp_path, "throughput")
+    m = p["results"]["measurements"]
+    for prefix in (
+        "ingest: kafka-python consume (raw)",
+        "compute: TwoTowerModel.fit_batch",
+        "river BiasedMF.learn_one",
+        "end to end: ebrflow two_tower",
+    ):
+        (key,) = [k for k in m if k.startswith(prefix)]
+        s = m[key]["events_per_s"]
+        finite(s["median"], s["min"], s["max"])
+        assert s["median"] > 0
+        if prefix.startswith("end to end"):
+            assert m[key]["extra"][0]["events"] == p["settings"]["events"]
+    for ratio in p["results"]["ratios"].values():
+        finite(*ratio.values())
+
+
+def test_freshness_smoke(tmp_path: Path) -> None:
+    from bench import freshness
+
+    assert freshness.main(["--smoke", "--out", str(tmp_path)]) == 0
+    p = load(tmp_path, "freshness")
+    (r,) = p["results"].values()
+    assert r["sampled"] > 0 and r["found"] == r["sampled"]
+    finite(*r["latency_s"].values(), r["rate_achieved"])
+    assert 0 < r["latency_s"]["p50"] < 30
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    from bench import scale
+
+    assert scale.main(["--smoke", "--out", str(tmp_path)]) == 0
+    p = load(tmp_path, "scale")
+    (row,) = p["results"]["train"]
+    finite(row["train_us_per_event"], row["publish_us_per_event"], row["peak_rss_mib"])
+    assert row["events"] == p["settings"]["events"] and row["peak_rss_mib"] > 0
+    for size in p["results"]["upsert"].values():
+        finite(size["upsert_1000_existing_s"]["median"], size["search_top20_s"]["median"])
+    assert all(math.isfinite(x) for x in numbers(p["results"]))
+
+
+def test_report_collects_results(tmp_path: Path) -> None:
+    from bench import report
+
+    fake = {
+        "suite": "demo",
+        "title": "Demo",
+        "command": "python -m bench.demo",
+        "machine": {"nproc": 2},
+        "tables": [{"title": "T", "columns": ["a"], "rows": [["1"]], "note": ""}],
+        "notes": [],
+        "plots": [],
+        "wall_s": 1.0,
+    }
+    (tmp_path / "demo.json").write_text(json.dumps(fake))
+    (tmp_path / "other.json").write_text(json.dumps({"recall": 0.1, "nested": {"ndcg": 0.2}}))
+    assert report.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "# Results" in text and "`python -m bench.demo`" in text and "| 1 |" in text
+    assert "nested.ndcg" in text and "2 logical CPUs" in text
