@@ -188,6 +188,7 @@ def render(out: Path) -> None:
         f"ring buffers of {cfg.get('neighbour_capacity')} neighbours holding {cov.get('user_side')} (user side) / "
         f"{cov.get('item_side')} (item side) of the training edges.",
     ]
+    notes += [meta["caveat"]] if meta.get("caveat") else []
     footnotes = [f"- {r['variant']}: {r['note']}" for r in rows if r.get("note")]
     text = "# Gowalla benchmark\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + "\n".join(lines) + "\n"
     if footnotes:

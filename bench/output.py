@@ -88,7 +88,8 @@ def code_version() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    lines = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    dirty = [line[3:] for line in lines if not line[3:].startswith("bench/results/")]
     return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "modified_tracked_files": dirty}
 
 
@@ -143,7 +144,7 @@ def render_markdown(payload: dict[str, Any], heading: str = "##", link_prefix: s
     out += [f"Command: `{payload['command']}` — wall time {fmt(float(payload.get('wall_s', 0.0)))} s", ""]
     code = payload.get("code") or {}
     if code.get("commit"):
-        dirty = code.get("modified_tracked_files") or []
+        dirty = [f for f in code.get("modified_tracked_files") or [] if not f.startswith("bench/results/")]
         extra = f" plus uncommitted changes to {', '.join(dirty)}" if dirty else ""
         out += [f"Code: commit `{code['commit']}`{extra}.", ""]
     for t in payload.get("tables", []):

@@ -25,8 +25,8 @@ def min_norm_weights(grads: torch.Tensor, max_iter: int = 250, tol: float = 1e-1
     """Weights w on the simplex minimising ‖Σ wᵢ gᵢ‖ for the rows gᵢ of ``grads``, by Frank–Wolfe.
 
     Starts from the best pair (exact for two tasks), then each iteration moves towards the task whose
-    gradient has the smallest inner product with the current combination, with an exact line search
-    (Sener & Koltun 2018's MinNormSolver).
+    gradient has the smallest inner product with the current combination (or away from the worst task in
+    the support, which makes convergence linear), with an exact line search (Sener & Koltun 2018).
 
     >>> min_norm_weights(torch.tensor([[1.0, 0.0], [0.0, 2.0]])).tolist()
     [0.800000011920929, 0.20000000298023224]
@@ -38,16 +38,24 @@ def min_norm_weights(grads: torch.Tensor, max_iter: int = 250, tol: float = 1e-1
     w = _best_pair(gram)
     for _ in range(max_iter):
         mw = gram @ w
+        vv = w @ mw
         t = int(torch.argmin(mw))
-        vv, vt, tt = w @ mw, mw[t], gram[t, t]
-        denom = vv - 2 * vt + tt  # ‖v − g_t‖²
-        if denom <= tol:
+        support = torch.nonzero(w > 0).flatten()
+        a = int(support[torch.argmax(mw[support])])
+        if vv - mw[t] >= mw[a] - vv:  # Frank–Wolfe step towards vertex t
+            d = -w.clone()
+            d[t] += 1.0
+            gamma_max = 1.0
+        else:  # away step from vertex a (what makes the convergence linear on the simplex)
+            d = w.clone()
+            d[a] -= 1.0
+            gamma_max = float(w[a] / (1.0 - w[a])) if w[a] < 1 else 0.0
+        curvature = d @ gram @ d
+        slope = w @ gram @ d
+        if curvature <= tol or -slope <= tol:
             break
-        gamma = float(((vv - vt) / denom).clamp(0.0, 1.0))
-        if gamma <= tol:
-            break
-        w = (1 - gamma) * w
-        w[t] += gamma
+        w = (w + min(float(-slope / curvature), gamma_max) * d).clamp_min(0.0)
+        w = w / w.sum()
     return w.to(grads.dtype)
 
 
