@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from ebrflow.config import Settings, load_settings
 from stream.broker import EmbeddedBroker
@@ -17,6 +18,15 @@ _counter = itertools.count()
 
 logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """As the app does by default: two threads on two shared cores oversubscribe (≈20× slower when loaded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

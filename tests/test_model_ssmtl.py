@@ -8,16 +8,6 @@ from model.backfill import backfill
 from model.base import Batch, RetrievalModel
 from model.ssmtl import SSMTLModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small per-step tensors: two threads on two shared cores oversubscribe (≈20× slower when loaded)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 N_COMMUNITIES, USERS_PER, ITEMS_PER = 8, 40, 25
 
 

@@ -9,15 +9,6 @@ from model.ssmtl import SSMTLModel
 from model.tasks import TASKS, GraphMAETask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small per-step tensors: two threads on two shared cores oversubscribe (≈20× slower when loaded)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     rng = np.random.default_rng(0)
