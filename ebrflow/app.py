@@ -173,7 +173,7 @@ def build_trainer(
         checkpointer = Checkpointer(
             CheckpointStore(store_dir, run.checkpoint_keep),
             model,
-            publisher,
+            publisher.seen,
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
         )

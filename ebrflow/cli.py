@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -161,6 +162,48 @@ def replay(
         sent = produce(producer, k.topic, events, Pacer(rate, speed), lambda n: bar.advance(task, n))
     producer.close()
     console.print(f"sent {sent:,} events to {k.topic}")
+
+
+@app.command()
+def backfill(
+    path: Annotated[Path, typer.Argument(help="Dataset file (.gz ok), replayed in time order each epoch.")],
+    fmt: Annotated[str, typer.Option("--format", help="movielens | snap | csv | jsonl")] = "movielens",
+    epochs: Annotated[int, typer.Option(help="Passes over the file.")] = 3,
+    config: ConfigOpt = None,
+) -> None:
+    """Bootstrap a model offline from a file, then save it as the checkpoint `ebrflow run` starts from.
+
+    The checkpoint holds no Kafka offsets, so the live run then consumes the topic from its committed
+    offsets (or the beginning); on start it re-publishes every backfilled embedding to Milvus.
+    """
+    from ebrflow.app import build_model
+    from indexer.seen import SeenItems
+    from model.backfill import backfill as run_backfill
+    from model.base import Batch
+    from model.checkpoint import CheckpointStore
+    from stream.checkpointer import Checkpointer
+    from stream.replay import as_arrays, read_events
+
+    settings = _settings(config)
+    events = as_arrays(read_events(path, fmt))
+    size = settings.batch.max_events
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(events), size):
+            stop = start + size
+            yield Batch.of(events.user_ids[start:stop], events.item_ids[start:stop], ts_ms=events.ts_ms[start:stop])
+
+    model = build_model(settings.model)
+    summary = run_backfill(model, batches, epochs, progress=console.is_terminal, total_batches=-(-len(events) // size))
+    seen = SeenItems(settings.milvus.seen_capacity)
+    seen.add(events.user_ids, events.item_ids)
+    store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
+    Checkpointer(store, model, seen).batch_done({}, force=True)
+    losses = ", ".join(f"{x:.3f}" for x in summary.epoch_losses)
+    console.print(
+        f"backfilled {len(events):,} events × {summary.epochs} epochs in {summary.seconds:.1f} s "
+        f"(loss per epoch: {losses}); checkpoint at model version {model.version} in {store.directory}"
+    )
 
 
 @app.command()

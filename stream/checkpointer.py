@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from indexer.publisher import Publisher
+from indexer.seen import SeenItems
 from model.base import RetrievalModel
 from model.checkpoint import CheckpointStore
 
@@ -38,13 +38,13 @@ class Checkpointer:
         self,
         store: CheckpointStore,
         model: RetrievalModel,
-        publisher: Publisher,
+        seen: SeenItems,
         every_batches: int = 50,
         every_s: float = 60.0,
     ) -> None:
         self.store = store
         self.model = model
-        self.publisher = publisher
+        self.seen = seen
         self.every_batches = every_batches
         self.every_s = every_s
         self._batches = 0
@@ -62,7 +62,7 @@ class Checkpointer:
         self.store.save(
             {
                 "model": self.model.state_dict(),
-                "seen": self.publisher.seen.state_dict(),
+                "seen": self.seen.state_dict(),
                 "offsets": _pack_offsets(offsets),
                 "version": self.model.version,
                 "saved_at": time.time(),
@@ -77,7 +77,7 @@ class Checkpointer:
         if state is None:
             return None
         self.model.load_state_dict(state["model"])
-        self.publisher.seen.load_state_dict(state["seen"])
+        self.seen.load_state_dict(state["seen"])
         offsets = _unpack_offsets(state["offsets"])
         log.info("restored checkpoint at model version %d; resuming at offsets %s", self.model.version, offsets)
         return offsets

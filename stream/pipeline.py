@@ -150,7 +150,7 @@ class Pipeline:
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
         restored = self.checkpointer.restore() if self.checkpointer else None
-        if restored:
+        if restored is not None:
             self.offsets.update(restored)
             self.republish_all()
         self.consumer.subscribe([self.topic], listener=_SeekOnAssign(self.consumer, restored or {}))

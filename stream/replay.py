@@ -66,6 +66,17 @@ def read_events(path: Path | str, fmt: str) -> EventArrays | list[Event]:
     return sorted(events, key=lambda e: e.ts)
 
 
+def as_arrays(loaded: EventArrays | list[Event]) -> EventArrays:
+    """The result of ``read_events`` as arrays (``Event`` lists are converted, weights dropped)."""
+    if isinstance(loaded, EventArrays):
+        return loaded
+    return EventArrays(
+        np.fromiter((e.user_id for e in loaded), np.int64, len(loaded)),
+        np.fromiter((e.item_id for e in loaded), np.int64, len(loaded)),
+        np.fromiter((e.ts for e in loaded), np.int64, len(loaded)),
+    )
+
+
 def events_from_arrays(
     chunks: Iterable[EventArrays], event_type: str = "interaction", restamp: Callable[[], int] | None = None
 ) -> Iterator[Event]:
