@@ -115,13 +115,18 @@ def _series(
     label: str,
     colour: str | tuple[float, ...],
     weights: np.ndarray | None = None,
-) -> None:
-    """Faint per-batch line plus a bold (weighted) rolling mean; an all-missing series leaves a note instead."""
+) -> float:
+    """Faint per-batch line plus a bold (weighted) rolling mean; returns the mean's peak (nan if not recorded).
+
+    An all-missing series leaves a note instead.
+    """
     if np.isnan(values).all():
         ax.text(0.5, 0.5, "not recorded in this history", transform=ax.transAxes, ha="center", color="grey")
-        return
+        return float("nan")
+    smooth = rolling_mean(values, window, weights)
     ax.plot(when, values, color=colour, alpha=0.25, linewidth=0.8)
-    ax.plot(when, rolling_mean(values, window, weights), color=colour, linewidth=2.0, label=label)
+    ax.plot(when, smooth, color=colour, linewidth=2.0, label=label)
+    return float(np.nanmax(smooth)) if not np.isnan(smooth).all() else float("nan")
 
 
 def _mark_drift(ax: Axes, records: Sequence[BatchRecord], when: np.ndarray, legend: bool = True) -> None:
@@ -143,16 +148,20 @@ def _recall_figure(records: Sequence[BatchRecord], when: np.ndarray, window: int
     fig, ax = plt.subplots(figsize=(11, 4.5))
     evaluated = column(records, lambda r: r.evaluated)
     cold = column(records, lambda r: r.evaluated_cold)
-    for seg, get, n in (
-        ("all", lambda r: r.recall, evaluated),
-        ("cold", lambda r: r.recall_cold, cold),
-        ("warm", lambda r: r.recall_warm, evaluated - cold),
-    ):
+    peaks = [
         _series(ax, when, column(records, get), window, f"{seg} users", SEGMENT_COLOURS[seg], weights=n)
+        for seg, get, n in (
+            ("all", lambda r: r.recall, evaluated),
+            ("cold", lambda r: r.recall_cold, cold),
+            ("warm", lambda r: r.recall_warm, evaluated - cold),
+        )
+    ]
     _mark_drift(ax, records, when)
     _style(ax, f"Prequential Recall@K (test-then-train), rolling mean over {window} batches", "Recall@K", when)
     ax.set_xlabel("stream time (UTC)")
-    ax.set_ylim(bottom=0)
+    finite = [p for p in peaks if np.isfinite(p) and p > 0]
+    # single-event batches spike to 0 or 1: scale to the rolling means, not the spikes
+    ax.set_ylim(bottom=0, top=min(1.0, 1.4 * max(finite)) if finite else None)
     _finish(ax)
     return fig
 
