@@ -6,7 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +184,7 @@ def build_trainer(
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)
 
 
-def _install_stop_handlers(stop: callable) -> dict:  # type: ignore[valid-type]
+def _install_stop_handlers(stop: Callable[[], None]) -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
