@@ -85,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 }
             )
             runner.join(timeout=interval)
+        samples.append(
+            {
+                "t_s": time.monotonic() - t0,
+                "rss_mib": rss_mib(),
+                "fds": open_fds(),
+                "trained": trainer.metrics.events_trained._value.get(),
+            }
+        )
         stop.set()
         sender.join(timeout=30)
         producer.close(timeout=5)

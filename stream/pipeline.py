@@ -320,7 +320,7 @@ class Pipeline:
         if not assigned:
             return
         try:
-            ends = self.consumer.end_offsets(assigned)
+            ends = self.consumer.end_offsets(assigned, timeout_ms=2000)  # never stall the loop for long
             lag = {tp.partition: max(ends[tp] - (self.consumer.position(tp) or 0), 0) for tp in assigned}
         except KafkaError as exc:
             self.observer.on_error("lag", exc)

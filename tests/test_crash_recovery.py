@@ -61,6 +61,7 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
         trained = counts.get(partition, np.zeros(0, np.int64))[:n]
         assert len(trained) == n and (trained >= 1).all(), f"partition {partition}: offsets never trained"
     duplicates = int(sum(np.clip(c - 1, 0, None).sum() for c in counts.values()))
+    print(f"{kills} kills, {EVENTS} events, {duplicates} re-trained ({duplicates / kills:.0f} per crash)")
     assert duplicates <= kills * BATCH, f"{duplicates} re-trained events for {kills} crashes"
 
     state = CheckpointStore(data / "checkpoints").load_latest()
