@@ -120,8 +120,7 @@ def test_every_event_is_trained_published_and_counted(settings: Settings) -> Non
     # the query CLI returns K items the user has not interacted with
     user = max({e.user_id for e in valid}, key=lambda u: sum(e.user_id == u for e in valid))
     seen = {e.item_id for e in valid if e.user_id == user}
-    env = {f"EBRFLOW_MILVUS__{k.upper()}": str(v) for k, v in (("uri", settings.milvus.uri),)}
-    env["EBRFLOW_MODEL__DIM"] = str(settings.model.dim)
+    env = {"EBRFLOW_MILVUS__URI": settings.milvus.uri, "EBRFLOW_MODEL__DIM": str(settings.model.dim)}
     result = CliRunner().invoke(app, ["query", "--user", str(user), "-k", "10"], env=env)
     assert result.exit_code == 0, result.output
     got = [int(line.split("\t")[1]) for line in result.output.strip().splitlines()]
