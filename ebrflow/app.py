@@ -158,7 +158,8 @@ def build_trainer(
         sample=settings.metrics.eval_sample,
     )
     history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
-    drift = DriftMonitor(publisher.items, k=settings.metrics.recall_k)
+    # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
+    drift = DriftMonitor(publisher.items, k=settings.metrics.recall_k, every=10)
     observer = MetricsObserver(metrics, evaluator, drift=drift, history=history)
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs

@@ -72,12 +72,7 @@ class PrequentialEvaluator:
 
     def evaluate(self, batch: Batch) -> Evaluation:
         """Score a sample of ``batch`` and then count its events as prior history."""
-        novel = [
-            not np.isin(i, self.seen.get(u)).item() for u, i in zip(batch.user_ids.tolist(), batch.item_ids.tolist())
-        ]
-        idx = np.flatnonzero(np.asarray(novel, dtype=bool))
-        if len(idx) > self.sample:
-            idx = np.sort(self._rng.choice(idx, self.sample, replace=False))
+        idx = self._novel_sample(batch)
         users, items = batch.user_ids[idx], batch.item_ids[idx]
         prior = np.array([self._prior[u] for u in users.tolist()], dtype=np.int64)
         cold = prior <= self.cold_max_events
@@ -97,6 +92,21 @@ class PrequentialEvaluator:
         ):
             mine.add(theirs)
         return result
+
+    def _novel_sample(self, batch: Batch) -> np.ndarray:
+        """Up to ``sample`` indices, uniformly among events whose item is new to the user, in batch order.
+
+        Events are visited in random order and checked only until the sample is full, so the per-event
+        seen-items lookup is not paid for the whole batch.
+        """
+        users, items = batch.user_ids.tolist(), batch.item_ids.tolist()
+        picked: list[int] = []
+        for i in self._rng.permutation(len(batch)).tolist():
+            if items[i] not in self.seen.get(users[i]):
+                picked.append(i)
+                if len(picked) == self.sample:
+                    break
+        return np.sort(np.asarray(picked, dtype=np.int64))
 
     def _ranks(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Rank (0-based) of each event's item in its user's served top-K, -1 if absent."""
