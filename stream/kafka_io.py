@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,46 @@ def make_producer(
     return KafkaProducer(bootstrap_servers=bootstrap_servers, **settings, **(client_kwargs or {}))
 
 
+LETTER_MARGIN = 4096  # bytes left for the record batch framing the producer and broker add
+
+
+def _size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    return len(key or b"") + len(value or b"") + sum(len(k) + len(v) + 8 for k, v in headers)
+
+
+def fit_letter(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], limit: int
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """Truncate ``key``/``value`` so the letter fits ``limit`` bytes, naming the originals in headers.
+
+    >>> k, v, h = fit_letter(b"k", b"x" * 100, [], 80)
+    >>> len(v) < 100, dict(h)["ebrflow.original.size"]
+    (True, b'100')
+    """
+    if _size(key, value, headers) <= limit:
+        return key, value, headers
+    original = value or b""
+    if not any(name == "ebrflow.truncated" for name, _ in headers):  # a second cut keeps the first original
+        headers = [
+            *headers,
+            ("ebrflow.truncated", b"1"),
+            ("ebrflow.original.size", str(len(original)).encode()),
+            ("ebrflow.original.sha256", hashlib.sha256(original).hexdigest().encode()),
+        ]
+    if key is not None and len(key) > 256:
+        headers.append(("ebrflow.original.key.sha256", hashlib.sha256(key).hexdigest().encode()))
+        key = key[:256]
+    room = max(limit - _size(key, None, headers), 0)
+    return key, original[:room], headers
+
+
 class DeadLetterWriter:
     """Sends rejected records to ``<topic>.dlq`` with the original key/bytes and headers naming why and where from.
 
     Headers: ``ebrflow.reason`` (one of stream.schema.REASONS), ``ebrflow.detail``, ``ebrflow.source.topic``,
-    ``ebrflow.source.partition`` and ``ebrflow.source.offset``. ``flush`` must succeed before the
+    ``ebrflow.source.partition`` and ``ebrflow.source.offset``; a letter that would exceed the producer's
+    ``max_request_size`` is truncated and also carries ``ebrflow.truncated``, ``ebrflow.original.size`` and
+    ``ebrflow.original.sha256``. ``flush`` must succeed before the
     source offsets are committed, so a dead letter is never lost.
     """
 
@@ -87,7 +123,7 @@ class DeadLetterWriter:
         partition: int,
         offset: int,
     ) -> None:
-        """Queue one dead letter."""
+        """Queue one dead letter; a record too large to re-send with its headers is truncated to fit."""
         headers = [
             ("ebrflow.reason", reason.encode()),
             ("ebrflow.detail", detail[:1000].encode("utf-8", "replace")),
@@ -95,14 +131,22 @@ class DeadLetterWriter:
             ("ebrflow.source.partition", str(partition).encode()),
             ("ebrflow.source.offset", str(offset).encode()),
         ]
+        limit = int(self.producer.config.get("max_request_size", 1 << 20)) - LETTER_MARGIN
+        key, value, headers = fit_letter(key, value, headers, limit)
+        try:
+            future = self.producer.send(self.topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError:  # our estimate was short: keep only a 1 KiB prefix
+            key, value, headers = fit_letter(key, value, headers, 1024 + _size(None, None, headers) + 512)
+            future = self.producer.send(self.topic, key=key, value=value, headers=headers)
         self._pending.append((key, value, headers))
-        self._futures.append(self.producer.send(self.topic, key=key, value=value, headers=headers))
+        self._futures.append(future)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Block until every queued dead letter is acknowledged.
 
         On failure the producer is recreated (a kafka-python idempotent producer stays broken after a
-        broker restart), every pending letter is re-sent, and the error is raised for the caller to retry.
+        broker restart), every pending letter is re-sent (one the broker refused as too large, cut to
+        64 KiB), and the error is raised for the caller to retry.
         """
         if not self._pending:
             return
@@ -114,6 +158,9 @@ class DeadLetterWriter:
             with contextlib.suppress(Exception):
                 self.producer.close(timeout=0)
             self.producer = self.producer_factory()
+            for i, future in enumerate(self._futures):
+                if future.is_done and "TooLarge" in type(future.exception).__name__:
+                    self._pending[i] = fit_letter(*self._pending[i], limit=64 * 1024)
             self._futures = [self.producer.send(self.topic, key=k, value=v, headers=h) for k, v, h in self._pending]
             raise
         self._pending, self._futures = [], []

@@ -6,10 +6,12 @@ import time
 from typing import Annotated
 
 import msgspec
+import numpy as np
 
 SCHEMA_VERSION = 1
 MAX_ID = 2**63 - 1
 MAX_WEIGHT = 1e6
+MIN_WEIGHT = 1e-6  # checked after the float32 cast the model trains with (1e-320 would become 0)
 MAX_FUTURE_MS = 24 * 3600 * 1000  # events stamped more than a day ahead are rejected
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
@@ -31,7 +33,17 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Bounded set of rejection reasons: used as a metric label and in the DLQ headers.
-REASONS = ("too_large", "bad_encoding", "malformed_json", "missing_field", "invalid_field", "bad_version", "future_ts")
+REASONS = (
+    "too_large",
+    "bad_encoding",
+    "malformed_json",
+    "too_deep",
+    "missing_field",
+    "invalid_field",
+    "bad_version",
+    "future_ts",
+    "undecodable",
+)
 
 
 class InvalidEvent(ValueError):
@@ -83,8 +95,16 @@ class EventCodec:
             raise InvalidEvent(reason, str(exc)) from None
         except msgspec.DecodeError as exc:
             raise InvalidEvent("malformed_json", str(exc)) from None
+        except RecursionError:
+            raise InvalidEvent("too_deep", "JSON nested too deeply to decode") from None
+        except MemoryError:
+            raise InvalidEvent("too_large", f"{len(payload)} bytes exhausted memory while decoding") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the record, never fatal
+            raise InvalidEvent("undecodable", f"{type(exc).__name__}: {exc}") from None
         if event.v != SCHEMA_VERSION:
             raise InvalidEvent("bad_version", f"schema version {event.v}, this consumer reads {SCHEMA_VERSION}")
+        if not np.float32(event.weight) >= MIN_WEIGHT:
+            raise InvalidEvent("invalid_field", f"weight {event.weight!r} < {MIN_WEIGHT} after the float32 cast")
         now = int(time.time() * 1000) if now_ms is None else now_ms
         if event.ts > now + self.max_future_ms:
             raise InvalidEvent("future_ts", f"ts {event.ts} is more than {self.max_future_ms} ms ahead of now {now}")

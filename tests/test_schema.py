@@ -52,3 +52,20 @@ def test_weights_are_finite() -> None:
     for bad in (math.inf, -1.0):
         with pytest.raises(InvalidEvent):
             codec.decode(msgspec.json.encode({"user_id": 1, "item_id": 2, "ts": 3, "weight": bad}), now_ms=NOW)
+
+
+@pytest.mark.parametrize("weight", [1e-320, 1e-45, 1e-7])
+def test_weights_are_checked_after_the_float32_cast(weight: float) -> None:
+    payload = msgspec.json.encode({"user_id": 1, "item_id": 2, "ts": 3, "weight": weight})
+    with pytest.raises(InvalidEvent, match="float32") as info:
+        codec.decode(payload, now_ms=NOW)
+    assert info.value.reason == "invalid_field"
+
+
+@pytest.mark.parametrize("levels", [1_000, 20_000])
+def test_a_depth_bomb_is_rejected_not_raised(levels: int) -> None:
+    deep = EventCodec(max_bytes=1 << 20)
+    payload = b'{"user_id":1,"item_id":2,"ts":3,"x":' + b"[" * levels + b"]" * levels + b"}"
+    with pytest.raises(InvalidEvent) as info:
+        deep.decode(payload, now_ms=NOW)
+    assert info.value.reason == "too_deep"
