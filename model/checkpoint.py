@@ -1,10 +1,13 @@
-"""Atomic, retained checkpoints of training state, loaded without unpickling arbitrary objects."""
+"""Atomic, checksummed, retained checkpoints of training state, loaded without unpickling arbitrary objects."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,13 +15,37 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+MAGIC = b"EBRFLOW-CKPT-1\n"  # then the SHA-256 of the payload (32 bytes), then torch.save's bytes
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file whose checksum or format does not verify."""
+
+
+def encode(state: dict) -> bytes:
+    """The bytes of a checkpoint file: magic, SHA-256 of the payload, payload."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def decode(blob: bytes) -> dict:
+    """Verify and load a checkpoint file's bytes (``weights_only``: plain tensors and containers only)."""
+    if not blob.startswith(MAGIC):
+        raise CorruptCheckpoint("not an ebrflow checkpoint (bad magic: truncated, damaged or an older format)")
+    digest, payload = blob[len(MAGIC) : len(MAGIC) + 32], blob[len(MAGIC) + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptCheckpoint(f"checksum mismatch over {len(payload)} payload bytes")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 class CheckpointStore:
     """Writes ``ckpt-<seq>.pt`` files atomically (temp file, fsync, rename, fsync dir) and keeps the newest ``keep``.
 
-    ``load_latest`` returns the newest checkpoint that loads with ``torch.load(weights_only=True)``;
-    corrupt or partial files are skipped with a log line naming them.
+    Each file carries a SHA-256 of its payload. ``verified`` yields checkpoints newest first, skipping
+    (with a log line naming the file and why) any whose checksum fails or that does not load with
+    ``torch.load(weights_only=True)``; ``load_latest`` is the first of them.
 
     >>> import tempfile
     >>> store = CheckpointStore(tempfile.mkdtemp(), keep=2)
@@ -43,7 +70,7 @@ class CheckpointStore:
         final = self.directory / f"ckpt-{seq:012d}.pt"
         tmp = final.with_suffix(".pt.tmp")
         with tmp.open("wb") as f:
-            torch.save(state, f)
+            f.write(encode(state))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -56,11 +83,16 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
         return final
 
-    def load_latest(self) -> dict | None:
-        """The newest loadable checkpoint, or None when there is none."""
+    def verified(self) -> Iterator[tuple[Path, dict]]:
+        """(path, state) of every checkpoint that verifies, newest first."""
         for path in reversed(self.paths()):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                state = decode(path.read_bytes())
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-                log.error("skipping unreadable checkpoint %s: %s", path, exc)
-        return None
+                log.error("skipping checkpoint %s: %s", path, exc)
+                continue
+            yield path, state
+
+    def load_latest(self) -> dict | None:
+        """The newest checkpoint that verifies, or None when there is none."""
+        return next((state for _, state in self.verified()), None)

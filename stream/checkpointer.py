@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from indexer.seen import SeenItems
 from model.base import RetrievalModel
@@ -12,6 +18,13 @@ from model.checkpoint import CheckpointStore
 log = logging.getLogger(__name__)
 
 Offsets = dict[tuple[str, int], int]
+Source = Literal["run", "backfill"]
+
+
+class CheckpointMismatch(RuntimeError):
+    """The newest verified checkpoint was written by a model of another configuration."""
+
+    exit_code = 78  # EX_CONFIG: the configuration does not fit the saved state
 
 
 def _pack_offsets(offsets: Offsets) -> dict[str, int]:
@@ -26,12 +39,38 @@ def _unpack_offsets(packed: dict[str, int]) -> Offsets:
     return out
 
 
+def describe_mismatch(saved: dict, current: dict) -> str:
+    """``key: saved → configured`` for every fingerprint entry that differs.
+
+    >>> describe_mismatch({"kind": "two_tower", "dim": 16}, {"kind": "ssmtl", "dim": 16})
+    "kind: 'two_tower' → 'ssmtl'"
+    """
+    keys = sorted(set(saved) | set(current))
+    return ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+
+
+@dataclass
+class Restored:
+    """A checkpoint the model and seen store were loaded from.
+
+    ``source == "run"``: ``offsets`` name every partition the run had trained; any other partition had no
+    trained record and resumes at its beginning. ``source == "backfill"``: no offsets; partitions resume at
+    the group's committed offsets.
+    """
+
+    path: Path
+    offsets: Offsets
+    source: Source
+    version: int
+
+
 class Checkpointer:
     """Saves the trainer's state every ``every_batches`` batches or ``every_s`` seconds; restores it on start.
 
     A checkpoint is the source of truth: on restore the model and seen items are loaded and the returned
     offsets are where each partition resumes (the pipeline then re-publishes every embedding).
     Steps of a save, in order: the batch was published → state written → offsets committed.
+    ``fingerprint`` (model kind, dim, prior, options) is saved and must match at restore.
     """
 
     def __init__(
@@ -41,12 +80,14 @@ class Checkpointer:
         seen: SeenItems,
         every_batches: int = 50,
         every_s: float = 60.0,
+        fingerprint: dict | None = None,
     ) -> None:
         self.store = store
         self.model = model
         self.seen = seen
         self.every_batches = every_batches
         self.every_s = every_s
+        self.fingerprint = fingerprint or {}
         self._batches = 0
         self._last = time.monotonic()
 
@@ -54,7 +95,7 @@ class Checkpointer:
         """True when enough batches or seconds passed since the last save."""
         return self._batches >= self.every_batches or time.monotonic() - self._last >= self.every_s
 
-    def batch_done(self, offsets: Offsets, force: bool = False) -> bool:
+    def batch_done(self, offsets: Offsets, force: bool = False, source: Source = "run") -> bool:
         """Count a finished batch and save if due (``offsets``: next offset per partition); True if saved."""
         self._batches += 1
         if not (force or self.due()):
@@ -66,18 +107,61 @@ class Checkpointer:
                 "offsets": _pack_offsets(offsets),
                 "version": self.model.version,
                 "saved_at": time.time(),
+                "fingerprint": self.fingerprint,
+                "source": source,
             }
         )
         self._batches, self._last = 0, time.monotonic()
         return True
 
-    def restore(self) -> Offsets | None:
-        """Load the newest valid checkpoint into the model and seen store; None when starting fresh."""
-        state = self.store.load_latest()
-        if state is None:
-            return None
-        self.model.load_state_dict(state["model"])
-        self.seen.load_state_dict(state["seen"])
-        offsets = _unpack_offsets(state["offsets"])
-        log.info("restored checkpoint at model version %d; resuming at offsets %s", self.model.version, offsets)
-        return offsets
+    def restore(self) -> Restored | None:
+        """Load the newest checkpoint that verifies and restores a finite model; None when there is none.
+
+        Raises ``CheckpointMismatch`` when that checkpoint was written under another model configuration.
+        A checkpoint that verifies but cannot be loaded (or yields non-finite embeddings) is skipped for the
+        next older one; when none is usable the model and seen store are left as they were (empty).
+        """
+        initial = copy.deepcopy((self.model.state_dict(), self.seen.state_dict()))
+        for path, state in self.store.verified():
+            saved = state.get("fingerprint")
+            if saved is None:
+                log.error("skipping checkpoint %s: it has no model fingerprint (written by an older ebrflow)", path)
+                continue
+            if saved != self.fingerprint:
+                raise CheckpointMismatch(
+                    f"checkpoint {path} was written by another model configuration "
+                    f"({describe_mismatch(saved, self.fingerprint)}); restore that configuration, or start a new "
+                    f"model with an empty run.data_dir (its checkpoints) and new Milvus collections"
+                )
+            try:
+                self.model.load_state_dict(state["model"])
+                self.seen.load_state_dict(state["seen"])
+                _check_finite(self.model)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint falls back to an older one
+                log.error("skipping checkpoint %s: it verifies but does not restore (%s)", path, exc)
+                self.model.load_state_dict(initial[0])
+                self.seen.load_state_dict(initial[1])
+                continue
+            restored = Restored(path, _unpack_offsets(state["offsets"]), state.get("source", "run"), self.model.version)
+            log.info(
+                "restored checkpoint %s (%s) at model version %d; resuming at offsets %s",
+                path.name,
+                restored.source,
+                restored.version,
+                restored.offsets,
+            )
+            return restored
+        if self.store.paths():
+            log.error("no usable checkpoint in %s: starting from an empty model", self.store.directory)
+        return None
+
+
+def _check_finite(model: RetrievalModel) -> None:
+    """Raise when the restored model's embeddings of known ids are not all finite."""
+    for name, ids, embed in (
+        ("item", model.known_items(), model.item_embeddings),
+        ("user", model.known_users(), model.user_embeddings),
+    ):
+        for start in range(0, len(ids), 65536):
+            if not np.isfinite(embed(ids[start : start + 65536])).all():
+                raise ValueError(f"non-finite {name} embeddings")
