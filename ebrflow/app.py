@@ -59,6 +59,16 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     return PopularityPrior(model, cfg.popularity_half_life, scale=cfg.temperature) if prior else model
 
 
+def model_fingerprint(cfg: ModelConfig) -> dict:
+    """What a checkpoint's model must share with the configured one to be restored into it."""
+    return {
+        "kind": cfg.kind,
+        "dim": cfg.dim,
+        "prior": cfg.popularity_half_life > 0,
+        "options": {k: cfg.options[k] for k in sorted(cfg.options)},
+    }
+
+
 @contextlib.contextmanager
 def kafka_endpoint(settings: Settings) -> Iterator[str]:
     """The configured bootstrap servers, or an embedded Tansu broker for the duration of the block."""
@@ -105,7 +115,10 @@ class Trainer:
         finally:
             _restore_handlers(previous)
             self.metrics.up.set(0)
-            self.store.flush_if_due(force=True)
+            try:
+                self.store.flush_if_due(force=True)
+            except Exception as exc:  # noqa: BLE001 - an unreachable Milvus must not turn a stop into a crash
+                log.warning("final Milvus flush failed (%s); upserted rows are kept and flushed later", exc)
         total = self.observer.evaluator.total
         summary.extra.update(
             recall=total.all.recall or 0.0,
@@ -177,10 +190,22 @@ def build_trainer(
             publisher.seen,
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
+            fingerprint=model_fingerprint(settings.model),
         )
     audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
     pipeline = Pipeline(
-        consumer, k.topic, codec, dlq, model, publisher, batcher, observer, checkpointer, audit, run.refresh_every_s
+        consumer,
+        k.topic,
+        codec,
+        dlq,
+        model,
+        publisher,
+        batcher,
+        observer,
+        checkpointer,
+        audit,
+        run.refresh_every_s,
+        exclusive_grace_s=run.exclusive_grace_s or None,
     )
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)
 

@@ -168,15 +168,17 @@ def replay(
 def backfill(
     path: Annotated[Path, typer.Argument(help="Dataset file (.gz ok), replayed in time order each epoch.")],
     fmt: Annotated[str, typer.Option("--format", help="movielens | snap | csv | jsonl")] = "movielens",
-    epochs: Annotated[int, typer.Option(help="Passes over the file.")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the file.")] = 3,
+    force: Annotated[bool, typer.Option(help="Replace existing checkpoints (e.g. of a live run).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Bootstrap a model offline from a file, then save it as the checkpoint `ebrflow run` starts from.
 
     The checkpoint holds no Kafka offsets, so the live run then consumes the topic from its committed
-    offsets (or the beginning); on start it re-publishes every backfilled embedding to Milvus.
+    offsets (or the beginning); on start it re-publishes every backfilled embedding to Milvus. Existing
+    checkpoints (a live run's state) are never replaced without ``--force``.
     """
-    from ebrflow.app import build_model
+    from ebrflow.app import build_model, model_fingerprint
     from indexer.seen import SeenItems
     from model.backfill import backfill as run_backfill
     from model.base import Batch
@@ -185,6 +187,15 @@ def backfill(
     from stream.replay import as_arrays, read_events
 
     settings = _settings(config)
+    store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
+    if store.paths() and not force:
+        console.print(
+            f"error: {store.directory} already holds checkpoints (the state `ebrflow run` restores); "
+            "a backfill would replace it. Pass --force to do so, or use another run.data_dir.",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(78)
     events = as_arrays(read_events(path, fmt))
     size = settings.batch.max_events
 
@@ -197,8 +208,9 @@ def backfill(
     summary = run_backfill(model, batches, epochs, progress=console.is_terminal, total_batches=-(-len(events) // size))
     seen = SeenItems(settings.milvus.seen_capacity)
     seen.add(events.user_ids, events.item_ids)
-    store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
-    Checkpointer(store, model, seen).batch_done({}, force=True)
+    Checkpointer(store, model, seen, fingerprint=model_fingerprint(settings.model)).batch_done(
+        {}, force=True, source="backfill"
+    )
     losses = ", ".join(f"{x:.3f}" for x in summary.epoch_losses)
     console.print(
         f"backfilled {len(events):,} events × {summary.epochs} epochs in {summary.seconds:.1f} s "
@@ -244,5 +256,21 @@ def report(
         typer.echo(str(path))
 
 
+def main() -> None:
+    """Entry point: known operator errors become one line on stderr and a distinct exit code.
+
+    78: configuration (invalid settings, a checkpoint of another model configuration); 75: another trainer
+    holds part of the topic. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        app()
+    except Exception as exc:
+        code = getattr(exc, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

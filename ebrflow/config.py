@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - pydantic-settings brings tomli on 3.10
+    import tomli as tomllib
+
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -97,6 +104,7 @@ class RunConfig(Section):
     checkpoint_keep: int = Field(3, ge=1)
     checkpoints: bool = True
     refresh_every_s: float = Field(300.0, gt=0)  # re-publish every embedding this often (and at a clean stop)
+    exclusive_grace_s: float = Field(60.0, ge=0)  # refuse to train without the whole topic after this; 0: off
     audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"
 
@@ -141,10 +149,40 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+class ConfigError(ValueError):
+    """Invalid settings; the message names each bad key and why, never the value given (it may be a secret)."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem, ``section.key: message``, without input values.
+
+    >>> try:
+    ...     Settings(kafka={"sasl_pasword": "hunter2"})
+    ... except ValidationError as e:
+    ...     print(describe_errors(e))
+    kafka.sasl_pasword: Extra inputs are not permitted
+    """
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = ".".join(str(part) for part in err["loc"]) or "settings"
+        lines.append(f"{loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
-    """Settings from ``path`` (if given) with environment overrides, then explicit ``overrides`` on top."""
+    """Settings from ``path`` (if given) with environment overrides, then explicit ``overrides`` on top.
+
+    Raises ``ConfigError`` (values never echoed) for a missing file or invalid settings.
+    """
     toml_path = Path(path) if path else None
     if toml_path is not None and not toml_path.is_file():
-        raise FileNotFoundError(f"config file {toml_path} not found")
+        raise ConfigError(f"config file {toml_path} not found")
     cls = type("FileSettings", (Settings,), {"toml_path": toml_path})
-    return cls(**overrides)
+    try:
+        return cls(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings:\n{describe_errors(exc)}") from None

@@ -105,6 +105,14 @@ class MilvusStore:
             rows.append(row)
         self.client.upsert(collection, rows)
 
+    def delete_newer(self, version: int) -> int:
+        """Delete rows written by a model version above ``version`` (a lost run); returns how many."""
+        removed = 0
+        for name in (self.items, self.users):
+            res = self.client.delete(name, filter=f"version > {int(version)}")
+            removed += int(res.get("delete_count", 0)) if isinstance(res, dict) else len(res or [])
+        return removed
+
     def flush_if_due(self, force: bool = False) -> bool:
         """Flush both collections every ``flush_interval_s`` (unflushed rows are searched on a slow path)."""
         if not force and time.monotonic() - self._last_flush < self.flush_interval_s:

@@ -41,6 +41,13 @@ class Publisher:
         self.users = EmbeddingMirror(store.dim)
         self.seen = seen or SeenItems(store.seen_capacity)
 
+    def forget_newer(self, version: int) -> int:
+        """Delete Milvus rows newer than ``version`` and drop them from the mirrors (only at start: empty)."""
+        removed = self.store.delete_newer(version)
+        if removed and (len(self.items) or len(self.users)):
+            raise RuntimeError("forget_newer is for start-up, before anything was published")
+        return removed
+
     def publish(
         self,
         version: int,

@@ -151,6 +151,17 @@ class PipelineMetrics:
             "ebrflow_broker_errors", "Broker errors the consumer retried (poll, commit, produce).", ["op"], registry=r
         )
         self.up = Gauge("ebrflow_trainer_up", "1 while the trainer loop runs.", registry=r)
+        self.partitions_assigned = Gauge(
+            "ebrflow_partitions_assigned", "Partitions of the topic this trainer holds.", registry=r
+        )
+        self.partitions_total = Gauge("ebrflow_partitions_total", "Partitions of the topic.", registry=r)
+        self.consumption_paused = Gauge(
+            "ebrflow_consumption_paused", "1 while consumption is paused (backpressure or waiting for the topic).",
+            registry=r,
+        )
+        self.trainer_refused = Counter(
+            "ebrflow_trainer_refused", "Starts refused because another trainer holds part of the topic.", registry=r
+        )
         self._init_label_values()
 
     def _init_label_values(self) -> None:

@@ -154,6 +154,16 @@ class MetricsObserver:
         for partition, value in lag.items():
             self.metrics.consumer_lag.labels(str(partition)).set(value)
 
+    def on_partitions(self, assigned: int, total: int, paused: bool) -> None:
+        """Partitions held out of the topic's, and whether consumption is paused."""
+        self.metrics.partitions_assigned.set(assigned)
+        self.metrics.partitions_total.set(total)
+        self.metrics.consumption_paused.set(int(paused))
+
+    def on_refused(self) -> None:
+        """Another trainer holds part of the topic: this one stops."""
+        self.metrics.trainer_refused.inc()
+
     def on_error(self, op: str, exc: BaseException) -> None:
         """Count a retried failure; log once per failure streak."""
         if op == "publish":

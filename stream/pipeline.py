@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TextIO, TypeVar
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
@@ -19,6 +19,7 @@ from model.base import Batch, RetrievalModel, TrainReport
 from stream.batcher import MicroBatcher
 from stream.checkpointer import Checkpointer, Offsets
 from stream.kafka_io import DeadLetterWriter
+from stream.pausing import PartitionGate
 from stream.schema import EventCodec, InvalidEvent
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ class Observer(Protocol):
     def on_error(self, op: str, exc: BaseException) -> None:
         """A retried failure of ``op`` (poll, commit, publish, dlq)."""
 
+    def on_partitions(self, assigned: int, total: int, paused: bool) -> None:
+        """How many of the topic's partitions this trainer holds, and whether consumption is paused."""
+
+    def on_refused(self) -> None:
+        """This trainer found another in its group and stops."""
+
 
 @dataclass
 class RunSummary:
@@ -81,30 +88,28 @@ class DivergedModel(RuntimeError):
     """The model produced non-finite embeddings; they are never published."""
 
 
-class _SeekOnAssign(ConsumerRebalanceListener):
-    """Seeks newly assigned partitions to the restored checkpoint's offsets (each partition once)."""
+class Stopped(Exception):
+    """``stop()`` was called while an operation was being retried: exit without committing it."""
 
-    def __init__(self, consumer: KafkaConsumer, offsets: Offsets) -> None:
-        self.consumer = consumer
-        self.offsets = dict(offsets)
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Nothing to do: uncommitted work is re-read by the next owner (at most one batch)."""
+class SecondTrainer(RuntimeError):
+    """Another trainer holds part of the topic: one model per consumer group and collections."""
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Seek each partition the checkpoint knows to its saved offset."""
-        for tp in assigned:
-            offset = self.offsets.pop((tp.topic, tp.partition), None)
-            if offset is not None:
-                self.consumer.seek(tp, offset)
-                log.info("partition %s:%d resumes at checkpoint offset %d", tp.topic, tp.partition, offset)
+    exit_code = 75  # EX_TEMPFAIL: retry once the other trainer is gone
 
 
 class Pipeline:
-    """Runs the consumer loop until stopped; offsets are committed only after a batch is published.
+    """Runs the consumer loop until stopped. What it guarantees (each is tested on the real broker and Milvus):
 
-    Publish failures are retried with exponential backoff while the assigned partitions are paused
-    (backpressure: nothing more is read until Milvus accepts the batch).
+    - Kafka offsets are committed only together with a checkpoint (or after each batch when checkpoints are
+      off), so the committed position never runs ahead of a state that can be restored; on start every
+      assigned partition is positioned from the restored checkpoint (a partition it does not name from its
+      beginning), and Milvus rows of a newer, lost model generation are deleted before re-publishing.
+    - Publish and dead-letter failures are retried with exponential backoff while every partition is paused
+      (``PartitionGate``: pauses survive rebalances; records polled while paused are sought back, never
+      dropped). ``stop()`` interrupts any retry; nothing unpublished is committed.
+    - One trainer per group: a trainer that does not hold every partition of the topic within
+      ``exclusive_grace_s`` of joining trains nothing and stops with ``SecondTrainer``.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class Pipeline:
         refresh_every_s: float | None = 300.0,
         lag_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
+        exclusive_grace_s: float | None = 60.0,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -138,31 +144,37 @@ class Pipeline:
         self._last_refresh = time.monotonic()
         self.lag_interval_s = lag_interval_s
         self.max_backoff_s = max_backoff_s
+        self.exclusive_grace_s = exclusive_grace_s
+        self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
         self.summary = RunSummary()
         self._invalid_in_batch = 0
         self._last_lag = 0.0
+        self._committed: Offsets = {}
+        self._exclusive = exclusive_grace_s is None
+        self._joined_at = time.monotonic()
 
     def stop(self) -> None:
-        """Ask the loop to finish its current batch and exit."""
+        """Ask the loop to finish its current batch and exit (interrupts retries: then nothing is committed)."""
         self.stop_event.set()
 
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
-        restored = self.checkpointer.restore() if self.checkpointer else None
-        if restored is not None:
-            self.offsets.update(restored)
-            self.republish_all()
-        self.consumer.subscribe([self.topic], listener=_SeekOnAssign(self.consumer, restored or {}))
-        start = last_record = time.monotonic()
+        start = time.monotonic()
         try:
+            self._restore()
+            if not self._exclusive:
+                self.gate.pause("exclusive")
+            self.consumer.subscribe([self.topic], listener=self.gate)
+            self._joined_at = last_record = time.monotonic()
             while not self.stop_event.is_set():
                 if max_events is not None and self.summary.consumed >= max_events:
                     break
                 n = self._poll_once(max_events)
                 now = time.monotonic()
-                if n:
+                if n or not self._exclusive:  # waiting for the whole topic is not idleness
                     last_record = now
+                self._check_exclusive(now)
                 if self.batcher.due():
                     self._process()
                     if self.refresh_every_s is not None and now - self._last_refresh >= self.refresh_every_s:
@@ -174,11 +186,47 @@ class Pipeline:
                 self._process()
             if self.summary.batches:
                 self.republish_all()
-            if self.checkpointer and self.summary.batches:
-                self.checkpointer.batch_done(self.offsets, force=True)
+                self._save(force=True)
+        except Stopped as exc:
+            log.warning("stopped during a retry (%s): nothing after the last commit was committed", exc)
         finally:
             self.summary.seconds = time.monotonic() - start
         return self.summary
+
+    def _restore(self) -> None:
+        """Load the checkpoint, position partitions from it, and make Milvus equal the restored model."""
+        if self.checkpointer is None:
+            return  # no state to restore: partitions resume at the group's committed offsets
+        restored = self.checkpointer.restore()
+        self.gate.start_offsets = dict(restored.offsets) if restored else {}
+        self.gate.from_beginning = restored is None or restored.source == "run"
+        if restored is not None:
+            self.offsets.update(restored.offsets)
+        version = self.model.version
+        removed = self._retrying("publish", lambda: self.publisher.forget_newer(version))
+        if removed:
+            log.warning("deleted %d Milvus rows newer than the restored model (version %d)", removed, version)
+        self.republish_all()
+
+    def _check_exclusive(self, now: float) -> None:
+        """Train only while holding every partition of the topic; refuse after the grace."""
+        assigned = {tp for tp in self.consumer.assignment() if tp.topic == self.topic}
+        total = self.consumer.partitions_for_topic(self.topic) or set()
+        self.observer.on_partitions(len(assigned), len(total), self.gate.paused)
+        if self._exclusive:
+            return
+        if total and len(assigned) == len(total):
+            self._exclusive = True
+            self.gate.resume("exclusive")
+            return
+        if self.exclusive_grace_s is not None and now - self._joined_at > self.exclusive_grace_s:
+            self.observer.on_refused()
+            raise SecondTrainer(
+                f"this trainer holds {len(assigned)} of {len(total)} partitions of {self.topic} after "
+                f"{self.exclusive_grace_s:.0f} s: another trainer runs in consumer group "
+                f"{self.consumer.config.get('group_id')!r}; ebrflow trains one model per group (stop the other, "
+                "or give this one its own kafka.group_id and Milvus collections)"
+            )
 
     def _poll_once(self, max_events: int | None) -> int:
         limit = self.batcher.room()
@@ -189,6 +237,9 @@ class Pipeline:
         except KafkaError as exc:
             self.observer.on_error("poll", exc)
             time.sleep(0.5)
+            return 0
+        if self.gate.paused:
+            self.gate.hold_back(polled)  # leaked through a rebalance: read again after resuming
             return 0
         n = 0
         for tp, records in polled.items():
@@ -201,6 +252,7 @@ class Pipeline:
         return n
 
     def _take(self, rec: ConsumerRecord, tp: TopicPartition) -> None:
+        self.gate.taken(tp.topic, tp.partition, rec.offset)
         self.batcher.add_offset((tp.topic, tp.partition), rec.offset)
         try:
             event = self.codec.decode(rec.value)
@@ -232,14 +284,17 @@ class Pipeline:
         if self.audit_log is not None:
             self.audit_log.writelines(f"{t} {p} {lo} {hi}\n" for (t, p), (lo, hi) in ranges.items())
             self.audit_log.flush()
-        if self.checkpointer is not None:
-            self.checkpointer.batch_done(self.offsets)
-        self._commit(offsets)
+        self._save()
         stages["commit"] = time.perf_counter() - t4
         self.summary.batches += 1
         self.summary.trained += len(batch)
         if len(batch):
             self.observer.after_batch(BatchResult(batch, record_ts, report, published, time.time(), stages, invalid))
+
+    def _save(self, force: bool = False) -> None:
+        """Checkpoint when due, then commit what it holds; without checkpoints commit every batch."""
+        if self.checkpointer is None or self.checkpointer.batch_done(self.offsets, force=force):
+            self._commit(self.offsets)
 
     def republish_all(self, chunk: int = 5000) -> None:
         """Upsert every known item and user at the model's current version, in chunks.
@@ -257,10 +312,13 @@ class Pipeline:
     def _checked_publish(
         self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]
     ) -> Published:
-        """Publish the model's vectors for ``items``/``users`` (retrying), refusing non-finite ones."""
+        """Publish the model's vectors for ``items``/``users`` (retrying), refusing non-finite or mis-sized ones."""
         item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
         if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
             raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
+        dim = self.publisher.store.dim
+        if (len(items) and item_vecs.shape[1] != dim) or (len(users) and user_vecs.shape[1] != dim):
+            raise ValueError(f"the model makes {item_vecs.shape[1]}-d vectors; the Milvus collections hold {dim}-d")
         version = self.model.version
         return self._retrying(
             "publish", lambda: self.publisher.publish(version, items, item_vecs, users, user_vecs, interactions)
@@ -272,45 +330,51 @@ class Pipeline:
         )
 
     def _retrying(self, op: str, fn: Callable[[], T]) -> T:
+        """Call ``fn`` until it succeeds, pausing consumption meanwhile; ``stop()`` ends it with ``Stopped``."""
         backoff = 0.5
-        paused = False
         while True:
             try:
                 result = fn()
-                if paused:
-                    self.consumer.resume(*self.consumer.assignment())
-                    log.info("%s recovered; resuming consumption", op)
-                return result
             except Exception as exc:  # noqa: BLE001 - any sink/broker failure is retried, never fatal
                 self.observer.on_error(op, exc)
-                if not paused:
+                if op not in self.gate.reasons:
                     log.warning("%s failed (%s); pausing consumption and retrying with backoff", op, exc)
-                    self.consumer.pause(*self.consumer.assignment())
-                    paused = True
-                if self.stop_event.is_set() and op == "dlq":
-                    raise
+                    self.gate.pause(op)
+                if self.stop_event.is_set():
+                    raise Stopped(f"{op} still failing: {exc}") from exc
                 self._wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            if op in self.gate.reasons:
+                log.info("%s recovered", op)
+                self.gate.resume(op)
+            return result
 
     def _wait(self, seconds: float) -> None:
-        """Sleep while keeping the group membership alive (poll on paused partitions returns nothing)."""
+        """Sleep up to ``seconds`` (less if stopped) while polling to keep the group membership alive."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop_event.is_set():
             try:
-                self.consumer.poll(timeout_ms=min(200, int(seconds * 1000)), max_records=1)
+                polled = self.consumer.poll(timeout_ms=200, max_records=1)
             except KafkaError:
                 time.sleep(0.2)
+                continue
+            self.gate.hold_back(polled)
 
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        if not offsets:
+    def _commit(self, offsets: Offsets) -> None:
+        """Commit ``offsets`` that are ahead of this process's last commit (never backwards)."""
+        ahead = {tp: o for tp, o in offsets.items() if o > self._committed.get(tp, -1)}
+        if not ahead:
             return
-        meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in ahead.items()}
         try:
             self.consumer.commit(meta)
         except (CommitFailedError, KafkaError) as exc:
-            # The work is published; after a rebalance the next owner re-reads at most this batch.
+            # The checkpoint holds these offsets; a restart resumes from it whatever Kafka has.
             self.observer.on_error("commit", exc)
-            log.warning("offset commit failed (%s); the batch may be re-trained after a rebalance", exc)
+            log.warning("offset commit failed (%s); the checkpoint still holds the position", exc)
+            return
+        self._committed.update(ahead)
 
     def _report_lag(self, now: float) -> None:
         if now - self._last_lag < self.lag_interval_s:

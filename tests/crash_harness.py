@@ -16,7 +16,7 @@ from stream.schema import EventCodec
 
 
 def write_config(path: Path, bootstrap: str, topic: str, group: str, data_dir: Path, **sections: dict) -> Path:
-    """A trainer TOML for a subprocess run (checkpoint every batch, audit log on, metrics on any port)."""
+    """A trainer TOML for a subprocess run (default checkpoint schedule, audit log on, metrics on any port)."""
     base: dict[str, dict] = {
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "partitions": 4,
                   "session_timeout_ms": 6000},
@@ -24,7 +24,7 @@ def write_config(path: Path, bootstrap: str, topic: str, group: str, data_dir: P
         "model": {"dim": 16, "device": "cpu"},
         "milvus": {"uri": str(data_dir / "milvus.db"), "flush_interval_s": 10},
         "metrics": {"port": 0, "eval_sample": 32},
-        "run": {"data_dir": str(data_dir), "checkpoint_every_batches": 1, "audit_log": True, "log_level": "WARNING"},
+        "run": {"data_dir": str(data_dir), "audit_log": True, "log_level": "WARNING"},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -37,8 +37,11 @@ def write_config(path: Path, bootstrap: str, topic: str, group: str, data_dir: P
     return path
 
 
-def produce_fast(bootstrap: str, topic: str, n: int, seed: int = 11) -> dict[int, int]:
-    """Produce ``n`` synthetic events with librdkafka (fast); returns acknowledged count per partition."""
+def produce_fast(
+    bootstrap: str, topic: str, n: int, seed: int = 11, partitions: list[int] | None = None
+) -> dict[int, int]:
+    """Produce ``n`` synthetic events with librdkafka (fast), round-robin over ``partitions`` when given (else
+    keyed by user); returns acknowledged count per partition."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False})
     codec = EventCodec()
     acked: Counter[int] = Counter()
@@ -52,7 +55,8 @@ def produce_fast(bootstrap: str, topic: str, n: int, seed: int = 11) -> dict[int
 
     stream = SyntheticStream(users=5000, items=2000, communities=10, seed=seed)
     for i, ev in enumerate(events_from_arrays(stream.chunks(n, chunk=5000))):
-        producer.produce(topic, key=str(ev.user_id).encode(), value=codec.encode(ev), on_delivery=on_delivery)
+        where = {"partition": partitions[i % len(partitions)]} if partitions else {}
+        producer.produce(topic, key=str(ev.user_id).encode(), value=codec.encode(ev), on_delivery=on_delivery, **where)
         if i % 10_000 == 0:
             producer.poll(0)
     producer.flush(60)

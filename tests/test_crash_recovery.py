@@ -1,4 +1,6 @@
-"""SIGKILL the trainer ≥ 20 times while it trains 200k events: nothing lost, ≤ 1 batch re-trained per crash,
+"""SIGKILL the trainer at random points on the default checkpoint schedule (50 batches / 60 s) while it trains
+160k events: before its first checkpoint, between checkpoints, and after a partition that had no events at the
+last checkpoint starts receiving them. Nothing is lost, at most one checkpoint interval is re-trained per crash,
 and Milvus ends equal to the final checkpoint."""
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from model.checkpoint import CheckpointStore
 from stream.broker import EmbeddedBroker
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
 
-EVENTS = 200_000
-KILLS = 20
+FIRST, LATER = 120_000, 40_000  # the first lot goes to partitions 0-2 only; the later one to all four
+KILLS = 10
 BATCH = 1024
+CHECKPOINT_BATCHES = 50  # RunConfig's default
 
 
 def _wait_for_progress(audit: Path, proc, timeout_s: float = 90.0) -> bool:  # noqa: ANN001
@@ -36,8 +39,8 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
     topic, data = "crash.events", tmp_path / "data"
     data.mkdir()
     cfg = write_config(tmp_path / "trainer.toml", broker.bootstrap_servers, topic, "crash-group", data)
-    produced = produce_fast(broker.bootstrap_servers, topic, EVENTS)
-    assert sum(produced.values()) == EVENTS
+    produced = produce_fast(broker.bootstrap_servers, topic, FIRST, partitions=[0, 1, 2])
+    assert sum(produced.values()) == FIRST
     audit, log = data / "processed.log", tmp_path / "trainer.log"
     rng = random.Random(5)
 
@@ -48,10 +51,14 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
             proc.kill()
             proc.wait()
             break  # it finished (or stalled) before we could kill it: checked below
-        time.sleep(rng.uniform(0.0, 0.4))  # short: a fast trainer must not finish the stream before 20 kills
+        # the first kill lands before any checkpoint; later ones anywhere up to a few checkpoints in
+        time.sleep(rng.uniform(0.0, 0.4) if kills == 0 else rng.uniform(0.0, 10.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        if kills == 4:
+            later = produce_fast(broker.bootstrap_servers, topic, LATER, seed=12, partitions=[0, 1, 2, 3])
+            produced = {p: produced.get(p, 0) + later.get(p, 0) for p in range(4)}
     # idle long enough to outlive the killed members' 6 s sessions, so the last rebalance hands it every partition
     final = start_trainer(cfg, idle_exit=30, log=log)
     assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
@@ -62,8 +69,9 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
         trained = counts.get(partition, np.zeros(0, np.int64))[:n]
         assert len(trained) == n and (trained >= 1).all(), f"partition {partition}: offsets never trained"
     duplicates = int(sum(np.clip(c - 1, 0, None).sum() for c in counts.values()))
-    print(f"{kills} kills, {EVENTS} events, {duplicates} re-trained ({duplicates / kills:.0f} per crash)")
-    assert duplicates <= kills * BATCH, f"{duplicates} re-trained events for {kills} crashes"
+    sent = sum(produced.values())
+    print(f"{kills} kills, {sent} sent, all trained, {duplicates} re-trained ({duplicates / kills:.0f} per crash)")
+    assert duplicates <= kills * CHECKPOINT_BATCHES * BATCH, f"{duplicates} re-trained events for {kills} crashes"
 
     state = CheckpointStore(data / "checkpoints").load_latest()
     settings = load_settings(cfg)

@@ -1,5 +1,6 @@
-"""Outages under a running trainer: the broker stopped for tens of seconds and restarted, Milvus failing for a
-while. The trainer survives, pauses instead of growing memory, and loses no event whose broker data exists."""
+"""Outages under a running trainer: the broker stopped for tens of seconds and restarted (with a second group
+member joining and leaving as it comes back), Milvus failing for a while. The trainer survives, pauses instead of
+growing memory, and loses no event whose broker data exists."""
 
 from __future__ import annotations
 
@@ -7,29 +8,14 @@ import threading
 import time
 from pathlib import Path
 
+from kafka import KafkaConsumer
+
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings, load_settings
 from stream.broker import EmbeddedBroker
 from stream.kafka_io import ensure_topics, make_producer
 from stream.schema import Event, EventCodec
-
-
-class FlakyMilvus:
-    """Forwards to a real MilvusClient, but ``upsert`` raises while ``failing`` is set."""
-
-    def __init__(self, client: object) -> None:
-        self._client = client
-        self.failing = threading.Event()
-        self.failures = 0
-
-    def upsert(self, *args: object, **kwargs: object) -> object:
-        if self.failing.is_set():
-            self.failures += 1
-            raise ConnectionError("injected: Milvus unavailable")
-        return self._client.upsert(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
+from tests.faults import FlakyMilvus, wait_for
 
 
 def _send(bootstrap: str, topic: str, first_user: int, n: int) -> None:
@@ -42,13 +28,28 @@ def _send(bootstrap: str, topic: str, first_user: int, n: int) -> None:
     producer.close()
 
 
-def _wait(condition, timeout_s: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
+def _refill(bootstrap: str, positions: dict[tuple[str, int], int]) -> None:
+    producer = make_producer(bootstrap)
+    for (topic, partition), n in positions.items():
+        for _ in range(n):
+            producer.send(topic, value=b"filler", partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def _intrude(bootstrap: str, settings: Settings, seconds: float = 8.0) -> None:
+    consumer = KafkaConsumer(
+        settings.kafka.topic,
+        bootstrap_servers=bootstrap,
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
+        consumer.poll(timeout_ms=200)
+    consumer.close()
 
 
 def _settings(bootstrap: str, tmp_path: Path) -> Settings:
@@ -80,7 +81,7 @@ def test_trainer_survives_broker_restart_and_milvus_outage(tmp_path: Path) -> No
         runner.start()
 
         _send(broker.bootstrap_servers, settings.kafka.topic, 0, 3000)
-        assert _wait(lambda: trained() == 3000, 90), trained()
+        assert wait_for(lambda: trained() == 3000, 90), trained()
 
         # Milvus fails: training pauses (nothing more is read), then everything is published after recovery.
         flaky.failing.set()
@@ -90,7 +91,7 @@ def test_trainer_survives_broker_restart_and_milvus_outage(tmp_path: Path) -> No
         stalled = trained()
         assert stalled <= 3000 + settings.batch.max_events  # at most the batch that hit the outage
         flaky.failing.clear()
-        assert _wait(lambda: trained() == 5000, 90), trained()
+        assert wait_for(lambda: trained() == 5000, 90), trained()
         assert trainer.metrics.publish_errors._value.get() >= 2
 
         # The broker goes away for 20 s (memory-only Tansu: its data is gone when it comes back).
@@ -99,11 +100,18 @@ def test_trainer_survives_broker_restart_and_milvus_outage(tmp_path: Path) -> No
         assert runner.is_alive()
         broker = EmbeddedBroker(port=port).start()
         assert broker.port == port
-        # A real Kafka keeps its topics across a restart; memory-only Tansu must be given it back
-        # (otherwise producing auto-creates it with Tansu's default 4 partitions instead of 2).
+        # A real Kafka keeps its topics and logs across a restart; memory-only Tansu must be given them back:
+        # the topic with its partition count, and each partition's log up to where the trainer stands (filler
+        # it never reads). Tansu answers a fetch past its end with nothing instead of OFFSET_OUT_OF_RANGE.
         ensure_topics(broker.bootstrap_servers, {settings.kafka.topic: settings.kafka.partitions})
+        _refill(broker.bootstrap_servers, trainer.pipeline.gate.next_offsets)
+        # A second member joins and leaves while the trainer rejoins the restarted broker (a rebalance during
+        # the outage's recovery), as events arrive.
+        intruder = threading.Thread(target=_intrude, args=(broker.bootstrap_servers, settings), daemon=True)
+        intruder.start()
         _send(broker.bootstrap_servers, settings.kafka.topic, 5000, 2000)
-        assert _wait(lambda: trained() >= 7000, 180), trained()
+        intruder.join(timeout=60)
+        assert wait_for(lambda: trained() >= 7000, 180), trained()
         assert runner.is_alive()
     finally:
         trainer.pipeline.stop()

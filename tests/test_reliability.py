@@ -1,0 +1,330 @@
+"""Hostile-operator faults on the real broker and Milvus Lite: kill -9 before the first checkpoint, rebalances and
+SIGTERM during a Milvus outage, poison records, a second trainer in the group, a checkpoint of another model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer
+
+from ebrflow.app import build_trainer
+from ebrflow.config import Settings, load_settings
+from stream.broker import EmbeddedBroker
+from stream.kafka_io import make_producer
+from stream.schema import Event, EventCodec
+from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
+from tests.faults import FlakyMilvus, wait_for
+
+
+def _send(settings: Settings, first: int, n: int) -> None:
+    producer = make_producer(settings.kafka.bootstrap_servers)
+    codec = EventCodec()
+    for k in range(first, first + n):
+        producer.send(
+            settings.kafka.topic,
+            key=str(k % 300).encode(),
+            value=codec.encode(Event(user_id=k % 300, item_id=k % 97, ts=k)),
+        )
+    producer.flush()
+    producer.close()
+
+
+def _intruder(settings: Settings, seconds: float) -> int:
+    """A second group member that joins, reads for ``seconds`` (committing nothing) and leaves."""
+    consumer = KafkaConsumer(
+        settings.kafka.topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    got, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
+    consumer.close()
+    return got
+
+
+def _trained(trainer) -> int:  # noqa: ANN001
+    return int(trainer.metrics.events_trained._value.get())
+
+
+def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Issue repro: default schedule, kill -9 before any checkpoint; the restart used to consume nothing."""
+    topic, data = "kill-early.events", tmp_path / "data"
+    data.mkdir()
+    cfg = write_config(tmp_path / "t.toml", broker.bootstrap_servers, topic, "kill-early", data)
+    produced = produce_fast(broker.bootstrap_servers, topic, 20_000)
+    audit, log = data / "processed.log", tmp_path / "trainer.log"
+    proc = start_trainer(cfg, idle_exit=60, log=log)
+    assert wait_for(lambda: audit.exists() and len(audit.read_text().splitlines()) >= 8, 120), log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((data / "checkpoints").glob("ckpt-*.pt")), "a checkpoint was due: the test needs a faster kill"
+
+    settings = load_settings(cfg)
+    first = build_trainer(settings, broker.bootstrap_servers)
+    try:
+        assert first.store.count(first.store.items) > 0  # the dead model's rows
+        first.run(max_events=0)  # restore only: no checkpoint → empty model, Milvus made equal to it
+        assert first.store.count(first.store.items) == 0 and first.store.count(first.store.users) == 0
+    finally:
+        first.close()
+    second = build_trainer(settings, broker.bootstrap_servers)
+    try:
+        summary = second.run(idle_exit_s=10)
+        items = second.model.known_items()
+        rows = second.store.get(second.store.items, items.tolist())
+        np.testing.assert_allclose(
+            np.array([rows[i]["embedding"] for i in items.tolist()], np.float32),
+            second.model.item_embeddings(items),
+            atol=1e-5,
+        )
+    finally:
+        second.close()
+    print(f"kill before first checkpoint: {sum(produced.values())} sent, restart trained {summary.trained}")
+    assert summary.trained == sum(produced.values()), "the restart must re-train every event from the beginning"
+    counts = coverage(audit, topic)
+    assert all((counts[p][:n] >= 1).all() and len(counts[p]) >= n for p, n in produced.items())
+
+
+def test_rebalance_during_milvus_outage_loses_nothing(settings: Settings) -> None:
+    trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
+    flaky = trainer.store.client = FlakyMilvus(trainer.store.client)
+    runner = threading.Thread(target=trainer.run, daemon=True)
+    runner.start()
+    try:
+        _send(settings, 0, 3000)
+        assert wait_for(lambda: _trained(trainer) == 3000, 90), _trained(trainer)
+        flaky.failing.set()
+        _send(settings, 3000, 4000)
+        time.sleep(2)
+        read_by_intruder = _intruder(settings, 10)  # joins and leaves while the trainer is paused
+        assert flaky.failures >= 2 and runner.is_alive()
+        flaky.failing.clear()
+        assert wait_for(lambda: _trained(trainer) >= 7000, 120), _trained(trainer)
+        time.sleep(2)
+    finally:
+        trainer.pipeline.stop()
+        runner.join(timeout=60)
+        trainer.close()
+    print(f"rebalance during Milvus outage: 7000 sent, {_trained(trainer)} trained, intruder read {read_by_intruder}")
+    assert _trained(trainer) == 7000
+
+
+def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(settings: Settings) -> None:
+    every = 5
+    settings = settings.model_copy(
+        update={
+            "run": settings.run.model_copy(update={"audit_log": True, "checkpoint_every_batches": every}),
+            "kafka": settings.kafka.model_copy(update={"partitions": 2}),
+        }
+    )
+    trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
+    flaky = trainer.store.client = FlakyMilvus(trainer.store.client)
+    signalled: list[float] = []
+
+    def outage_then_sigterm() -> None:
+        _send(settings, 0, 3000)
+        wait_for(lambda: _trained(trainer) == 3000, 90)
+        flaky.failing.set()
+        _send(settings, 3000, 2000)
+        wait_for(lambda: flaky.failures >= 3, 60)
+        signalled.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler Trainer.run installs in the main thread
+
+    helper = threading.Thread(target=outage_then_sigterm, daemon=True)
+    helper.start()
+    try:
+        trainer.run()  # main thread: SIGTERM reaches its handler
+        stopped_at = time.monotonic()
+    finally:
+        trainer.close()
+    helper.join(timeout=5)
+    assert signalled, "the outage never started"
+    exit_s = stopped_at - signalled[0]
+    assert exit_s <= 10, f"took {exit_s:.1f} s to stop during the outage"
+    first_trained = _trained(trainer)
+
+    restarted = build_trainer(settings, settings.kafka.bootstrap_servers)
+    try:
+        summary = restarted.run(idle_exit_s=10)
+    finally:
+        restarted.close()
+    counts = coverage(Path(settings.run.data_dir) / "processed.log", settings.kafka.topic)
+    trained = sum(int((c >= 1).sum()) for c in counts.values())
+    duplicates = int(sum(np.clip(c - 1, 0, None).sum() for c in counts.values()))
+    print(
+        f"SIGTERM during outage: stopped in {exit_s:.1f} s; 5000 sent, {first_trained} trained before, "
+        f"{summary.trained} after restart, {duplicates} re-trained"
+    )
+    assert trained == 5000, f"{trained} distinct offsets trained"
+    assert duplicates <= every * settings.batch.max_events
+
+
+def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Path) -> None:
+    incumbent = build_trainer(settings, settings.kafka.bootstrap_servers)
+    runner = threading.Thread(target=incumbent.run, daemon=True)
+    runner.start()
+    other = tmp_path / "other"
+    cfg = write_config(
+        tmp_path / "second.toml",
+        settings.kafka.bootstrap_servers,
+        settings.kafka.topic,
+        settings.kafka.group_id,
+        other,
+        kafka={"partitions": settings.kafka.partitions},
+        run={"exclusive_grace_s": 8.0, "data_dir": str(other)},
+    )
+    try:
+        _send(settings, 0, 2000)
+        assert wait_for(lambda: _trained(incumbent) == 2000, 90)
+        second = subprocess.run(
+            [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg)], capture_output=True, text=True, timeout=120
+        )
+        _send(settings, 2000, 1000)
+        assert wait_for(lambda: _trained(incumbent) == 3000, 120), _trained(incumbent)
+    finally:
+        incumbent.pipeline.stop()
+        runner.join(timeout=60)
+        incumbent.close()
+    print(f"second trainer: exit {second.returncode}: {second.stderr.strip()[-300:]}")
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert "another trainer" in second.stderr and "Traceback" not in second.stderr
+    assert _trained(incumbent) == 3000
+
+
+def test_checkpoint_of_another_model_is_one_clear_error(settings: Settings, tmp_path: Path) -> None:
+    trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
+    try:
+        _send(settings, 0, 500)
+        trainer.run(max_events=500, idle_exit_s=30)
+    finally:
+        trainer.close()
+    cfg = write_config(
+        tmp_path / "bigger.toml",
+        settings.kafka.bootstrap_servers,
+        settings.kafka.topic,
+        settings.kafka.group_id,
+        Path(settings.run.data_dir),
+        model={"dim": 32, "device": "cpu"},
+        milvus={"uri": str(tmp_path / "fresh-milvus.db")},
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg), "--idle-exit", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 78, out.stderr[-2000:]
+    assert len(lines) == 1 and "dim: 16 → 32" in lines[0] and "Traceback" not in out.stderr
+
+
+def _depth_bomb(levels: int) -> bytes:
+    return b'{"user_id":1,"item_id":2,"ts":3,"x":' + b"[" * levels + b"]" * levels + b"}"
+
+
+def test_poison_records_are_dead_lettered_and_valid_ones_trained(settings: Settings) -> None:
+    import hypothesis.strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=30,
+    )
+    nested = [
+        json.dumps({"user_id": st_value, "item_id": 2, "ts": 3}).encode()
+        for st_value in (json_values.filter(lambda v: isinstance(v, list | dict)).example() for _ in range(40))
+    ]
+    near_limit = b'{"user_id":' + b"9" * ((1 << 20) - 200) + b"}"  # invalid, just under 1 MiB
+    poison = [_depth_bomb(n) for n in (1_000, 5_000, 20_000)] + [near_limit] + nested
+    codec = EventCodec()
+    producer = make_producer(settings.kafka.bootstrap_servers, max_request_size=4 << 20)
+    valid = 0
+    for i, payload in enumerate(poison):
+        for j in range(3):
+            ev = Event(user_id=i % 50, item_id=(i + j) % 31, ts=1_700_000_000_000 + i)
+            producer.send(settings.kafka.topic, key=b"k", value=codec.encode(ev))
+            valid += 1
+        producer.send(settings.kafka.topic, key=b"k", value=payload)
+    producer.flush()
+    producer.close()
+
+    trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
+    try:
+        summary = trainer.run(max_events=valid + len(poison), idle_exit_s=60)
+    finally:
+        trainer.close()
+    assert summary.trained == valid and summary.invalid == len(poison)
+
+    consumer = KafkaConsumer(
+        settings.kafka.topic + ".dlq",
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        fetch_max_bytes=8 << 20,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    letters = list(consumer)
+    consumer.close()
+    assert len(letters) == len(poison)
+    reasons = [dict(r.headers)["ebrflow.reason"].decode() for r in letters]
+    assert reasons.count("too_deep") >= 2 and "too_large" in reasons
+    truncated = [r for r in letters if dict(r.headers).get("ebrflow.truncated") == b"1"]
+    assert len(truncated) == 1
+    headers = dict(truncated[0].headers)
+    assert int(headers["ebrflow.original.size"]) == len(near_limit) > len(truncated[0].value)
+    print(f"poison: {valid} valid trained, {len(poison)} dead-lettered ({', '.join(sorted(set(reasons)))})")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_newest_checkpoint_falls_back(
+    settings: Settings, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ebrflow.app import build_model, model_fingerprint
+    from indexer.seen import SeenItems
+    from model.base import Batch
+    from model.checkpoint import CheckpointStore
+    from stream.checkpointer import Checkpointer, CheckpointMismatch
+
+    model = build_model(settings.model)
+    store = CheckpointStore(tmp_path / "ckpt", keep=3)
+    fingerprint = model_fingerprint(settings.model)
+    saver = Checkpointer(store, model, SeenItems(), fingerprint=fingerprint)
+    rng = np.random.default_rng(0)
+    versions = []
+    for _ in range(3):
+        model.fit_batch(Batch.of(rng.integers(0, 50, 256), rng.integers(0, 30, 256)))
+        saver.batch_done({("t", 0): model.version}, force=True)
+        versions.append(model.version)
+    newest = store.paths()[-1]
+    blob = bytearray(newest.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2 : len(blob) // 2 + 256] = b"\xff" * 256
+    else:
+        blob = blob[: len(blob) // 3]
+    newest.write_bytes(bytes(blob))
+
+    fresh = build_model(settings.model)
+    restored = Checkpointer(store, fresh, SeenItems(), fingerprint=fingerprint).restore()
+    assert restored is not None and restored.version == versions[1] == fresh.version
+    assert restored.offsets == {("t", 0): versions[1]}
+    assert f"skipping checkpoint {newest}" in caplog.text
+
+    other = dict(fingerprint, kind="ssmtl")
+    with pytest.raises(CheckpointMismatch, match="kind: 'two_tower' → 'ssmtl'"):
+        Checkpointer(store, build_model(settings.model), SeenItems(), fingerprint=other).restore()
