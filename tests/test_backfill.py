@@ -35,3 +35,26 @@ def test_backfilled_model_is_served_by_the_next_run(settings: Settings, tmp_path
         np.testing.assert_allclose(served, trainer.model.item_embeddings(items), atol=1e-5)
     finally:
         trainer.close()
+
+
+def test_backfill_rejects_bad_epochs_and_never_replaces_checkpoints_silently(
+    settings: Settings, tmp_path: Path
+) -> None:
+    rows = ["user_id,item_id,ts"] + [f"{u % 40},{u % 17},{u}" for u in range(600)]
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    env = {"EBRFLOW_RUN__DATA_DIR": settings.run.data_dir, "EBRFLOW_MODEL__DIM": str(settings.model.dim)}
+    args = ["backfill", str(tmp_path / "events.csv"), "--format", "csv"]
+    runner = CliRunner()
+    for bad in ("0", "-1"):
+        result = runner.invoke(app, [*args, "--epochs", bad], env=env)
+        assert result.exit_code == 2, result.output
+    assert not Path(settings.run.data_dir, "checkpoints").exists() or not list(
+        Path(settings.run.data_dir, "checkpoints").glob("ckpt-*.pt")
+    )
+    assert runner.invoke(app, [*args, "--epochs", "1"], env=env).exit_code == 0
+    before = sorted(Path(settings.run.data_dir, "checkpoints").glob("ckpt-*.pt"))
+    refused = runner.invoke(app, [*args, "--epochs", "1"], env=env)
+    assert refused.exit_code == 78 and "--force" in refused.output
+    assert sorted(Path(settings.run.data_dir, "checkpoints").glob("ckpt-*.pt")) == before
+    assert runner.invoke(app, [*args, "--epochs", "1", "--force"], env=env).exit_code == 0
+    assert len(list(Path(settings.run.data_dir, "checkpoints").glob("ckpt-*.pt"))) == len(before) + 1

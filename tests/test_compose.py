@@ -300,3 +300,15 @@ def test_dockerfile_builds_the_package_on_cpu_torch() -> None:
         for source in sources:
             if not any(ch in source for ch in "*?["):
                 assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_published_ports_bind_loopback_and_no_default_credentials(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for entry in service.get("ports", []):
+            assert str(entry).startswith("127.0.0.1:"), f"{name} publishes {entry} on every interface"
+        for key, value in environment(service).items():
+            value = str(value)
+            assert value not in {"admin", "minioadmin"}, f"{name}: {key} has a default credential"
+            if any(word in key for word in ("PASSWORD", "SECRET", "ROOT_USER")):
+                assert value.startswith("${") and ":?" in value, f"{name}: {key} must come from a required variable"
+    assert environment(services["grafana"]).get("GF_AUTH_ANONYMOUS_ENABLED") == "false"

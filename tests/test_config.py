@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from ebrflow.config import load_settings
+from ebrflow.config import ConfigError, load_settings
 
 
 def test_environment_overrides_the_file(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -32,3 +32,24 @@ def test_secrets_never_appear_in_reprs_or_logs(caplog) -> None:  # noqa: ANN001
 
 def test_metrics_bind_to_loopback_by_default() -> None:
     assert load_settings().metrics.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ('[kafka]\nsasl_pasword = "hunter2"\n', {}),  # misspelt key
+        ("[kafka]\nsasl_password = 1234567\n", {}),  # not a string
+        ('[milvus]\ntoken = ["hunter2"]\n', {}),  # list-valued token
+        ("", {"EBRFLOW_KAFKA__SASL_PASWORD": "hunter2"}),  # misspelt in the environment
+    ],
+)
+def test_validation_errors_never_echo_values(tmp_path, monkeypatch, toml: str, env: dict) -> None:  # noqa: ANN001
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    text = str(info.value) + repr(info.value)
+    assert "hunter2" not in text and "1234567" not in text
+    assert "kafka." in text or "milvus." in text
