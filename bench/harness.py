@@ -12,12 +12,10 @@ import numpy as np
 
 from ebrflow.app import Trainer, build_trainer
 from ebrflow.config import Settings, load_settings
-from ops.metrics import PipelineMetrics
+from ops.metrics import STAGES, PipelineMetrics
 from stream.generator import EventArrays, SyntheticStream
 from stream.kafka_io import ensure_topics, make_producer
 from stream.replay import events_from_arrays, produce
-
-STAGES = ("evaluate", "train", "publish", "commit")
 
 
 def quiet_logs() -> None:

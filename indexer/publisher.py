@@ -10,6 +10,7 @@ import numpy as np
 from indexer.milvus_store import MilvusStore
 from indexer.mirror import EmbeddingMirror
 from indexer.seen import SeenItems
+from indexer.sink import UpsertJob
 
 
 @dataclass
@@ -29,10 +30,11 @@ class Published:
 
 
 class Publisher:
-    """Upserts embeddings and keeps ``items``/``users`` mirrors and the seen-items store equal to Milvus.
+    """The served-state view: ``items``/``users`` mirrors of what Milvus holds, and each user's seen items.
 
-    The mirrors and seen store change only after Milvus accepted the rows, so a failed publish
-    can be retried as a whole.
+    ``prepare`` turns a trained batch into an ``UpsertJob`` (the seen store learns the batch's interactions
+    at once: they happened); the ``MilvusSink`` writes it; ``acknowledged`` then updates the mirrors, so they
+    only ever hold rows Milvus accepted. ``publish`` does all three synchronously.
     """
 
     def __init__(self, store: MilvusStore, seen: SeenItems | None = None) -> None:
@@ -42,11 +44,42 @@ class Publisher:
         self.seen = seen or SeenItems(store.seen_capacity)
 
     def forget_newer(self, version: int) -> int:
-        """Delete Milvus rows newer than ``version`` and drop them from the mirrors (only at start: empty)."""
-        removed = self.store.delete_newer(version)
-        if removed and (len(self.items) or len(self.users)):
+        """Delete Milvus rows newer than ``version`` (only at start-up, before anything was published)."""
+        if len(self.items) or len(self.users):
             raise RuntimeError("forget_newer is for start-up, before anything was published")
-        return removed
+        return self.store.delete_newer(version)
+
+    def prepare(
+        self,
+        version: int,
+        item_ids: np.ndarray,
+        item_vectors: np.ndarray,
+        user_ids: np.ndarray,
+        user_vectors: np.ndarray,
+        interactions: tuple[np.ndarray, np.ndarray],
+    ) -> UpsertJob:
+        """The rows to write for a batch: vectors at ``version`` and the touched users' seen lists."""
+        batch_users, batch_items = interactions
+        self.seen.add(batch_users, batch_items)
+        seen_lists = [self.seen.get(u) for u in user_ids.tolist()]
+        return UpsertJob(version, item_ids, item_vectors, user_ids, user_vectors, seen_lists)
+
+    def acknowledged(self, job: UpsertJob) -> Published:
+        """Milvus accepted ``job``: mirror its rows; returns what changed (previous vectors, for drift)."""
+        item_prev, item_existed = self.items.update(job.item_ids, job.item_vectors)
+        user_prev, user_existed = self.users.update(job.user_ids, job.user_vectors)
+        return Published(
+            job.item_ids,
+            item_prev,
+            item_existed,
+            job.item_vectors,
+            job.user_ids,
+            user_prev,
+            user_existed,
+            job.user_vectors,
+            job.version,
+            job.upsert_seconds,
+        )
 
     def publish(
         self,
@@ -57,27 +90,11 @@ class Publisher:
         user_vectors: np.ndarray,
         interactions: tuple[np.ndarray, np.ndarray],
     ) -> Published:
-        """Upsert items, then users with their updated seen lists; returns what changed."""
-        batch_users, batch_items = interactions
-        staged = self.seen.with_added(user_ids, batch_users, batch_items)
-        seen_lists = [staged.get(u) for u in user_ids.tolist()]
+        """Prepare, upsert (items, then users) and acknowledge in the calling thread."""
+        job = self.prepare(version, item_ids, item_vectors, user_ids, user_vectors, interactions)
         t0 = time.perf_counter()
         self.store.upsert(self.store.items, item_ids, item_vectors, version)
         t1 = time.perf_counter()
-        self.store.upsert(self.store.users, user_ids, user_vectors, version, seen=seen_lists)
-        timings = {"items": t1 - t0, "users": time.perf_counter() - t1}
-        self.seen.merge(staged)
-        item_prev, item_existed = self.items.update(item_ids, item_vectors)
-        user_prev, user_existed = self.users.update(user_ids, user_vectors)
-        return Published(
-            item_ids,
-            item_prev,
-            item_existed,
-            item_vectors,
-            user_ids,
-            user_prev,
-            user_existed,
-            user_vectors,
-            version,
-            timings,
-        )
+        self.store.upsert(self.store.users, user_ids, user_vectors, version, seen=job.seen)
+        job.upsert_seconds = {"items": t1 - t0, "users": time.perf_counter() - t1}
+        return self.acknowledged(job)

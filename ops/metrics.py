@@ -13,7 +13,7 @@ from stream.schema import REASONS
 
 disable_created_metrics()
 
-STAGES = ("evaluate", "train", "publish", "commit")
+STAGES = ("poll", "decode", "evaluate", "train", "embed", "queue", "publish", "checkpoint")
 COLLECTIONS = ("items", "users")
 SEGMENTS = ("all", "cold", "warm")
 DRIFT_SIGNALS = ("item_shift", "neighbour_churn", "centroid", "recall")

@@ -95,11 +95,20 @@ class Checkpointer:
         """True when enough batches or seconds passed since the last save."""
         return self._batches >= self.every_batches or time.monotonic() - self._last >= self.every_s
 
+    def note_batches(self, n: int) -> None:
+        """Count ``n`` finished batches towards the schedule."""
+        self._batches += n
+
     def batch_done(self, offsets: Offsets, force: bool = False, source: Source = "run") -> bool:
         """Count a finished batch and save if due (``offsets``: next offset per partition); True if saved."""
-        self._batches += 1
+        self.note_batches(1)
         if not (force or self.due()):
             return False
+        self.save(offsets, source)
+        return True
+
+    def save(self, offsets: Offsets, source: Source = "run") -> None:
+        """Write the model, seen items and ``offsets`` (next offset per partition) as the newest checkpoint."""
         self.store.save(
             {
                 "model": self.model.state_dict(),
@@ -112,7 +121,6 @@ class Checkpointer:
             }
         )
         self._batches, self._last = 0, time.monotonic()
-        return True
 
     def restore(self) -> Restored | None:
         """Load the newest checkpoint that verifies and restores a finite model; None when there is none.

@@ -73,13 +73,14 @@ class PartitionGate(ConsumerRebalanceListener):
         log.info("resumed consumption (%s cleared)", reason)
 
     def hold_back(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> int:
-        """Records returned while paused are not taken: seek each partition back to them; returns how many."""
+        """Records polled but not taken (paused, or no room): seek each partition back to them, and pause again
+        if a pause holds (a rebalance unpaused it); returns how many."""
         n = 0
         for tp, records in polled.items():
             if records:
                 self.consumer.seek(tp, self.next_offsets.get((tp.topic, tp.partition), records[0].offset))
                 n += len(records)
-        if n:
+        if n and self.reasons:
             self.consumer.pause(*self.consumer.assignment())
         return n
 

@@ -1,4 +1,5 @@
-"""The trainer's main loop: poll → decode (bad records to the DLQ) → micro-batch → train → publish → commit."""
+"""The trainer's main loop: poll → decode (bad records to the DLQ) → micro-batch → train → publish (on the sink's
+thread, overlapping the next batch) → checkpoint → commit."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
 from indexer.publisher import Published, Publisher
+from indexer.sink import MilvusSink, SinkStopped, UpsertJob
 from model.base import Batch, RetrievalModel, TrainReport
 from stream.batcher import MicroBatcher
 from stream.checkpointer import Checkpointer, Offsets
@@ -98,18 +100,34 @@ class SecondTrainer(RuntimeError):
     exit_code = 75  # EX_TEMPFAIL: retry once the other trainer is gone
 
 
+@dataclass
+class _Pending:
+    """What a submitted batch still needs once Milvus acknowledges its rows."""
+
+    batch: Batch
+    record_ts: np.ndarray
+    report: TrainReport
+    offsets: Offsets
+    ranges: dict[tuple[str, int], tuple[int, int]]
+    stages: dict[str, float]
+    invalid: int
+
+
 class Pipeline:
     """Runs the consumer loop until stopped. What it guarantees (each is tested on the real broker and Milvus):
 
-    - Kafka offsets are committed only together with a checkpoint (or after each batch when checkpoints are
-      off), so the committed position never runs ahead of a state that can be restored; on start every
-      assigned partition is positioned from the restored checkpoint (a partition it does not name from its
-      beginning), and Milvus rows of a newer, lost model generation are deleted before re-publishing.
+    - Training of batch n+1 overlaps the Milvus upsert of batch n (``MilvusSink``: bounded, in order). A
+      batch's offsets count only once Milvus acknowledged it; a checkpoint waits for every batch in flight.
+    - Kafka offsets are committed only together with a checkpoint (or after each acknowledged batch when
+      checkpoints are off), so the committed position never runs ahead of a state that can be restored; on
+      start every assigned partition is positioned from the restored checkpoint (a partition it does not
+      name from its beginning), and Milvus rows of a newer, lost model generation are deleted before
+      re-publishing.
     - Publish and dead-letter failures are retried with exponential backoff while every partition is paused
       (``PartitionGate``: pauses survive rebalances; records polled while paused are sought back, never
-      dropped). ``stop()`` interrupts any retry; nothing unpublished is committed.
+      dropped). ``stop()`` interrupts any retry; nothing unacknowledged is committed.
     - One trainer per group: a trainer that does not hold every partition of the topic within
-      ``exclusive_grace_s`` of joining trains nothing and stops with ``SecondTrainer``.
+      ``exclusive_grace_s`` of joining trains and writes nothing and stops with ``SecondTrainer``.
     """
 
     def __init__(
@@ -128,6 +146,7 @@ class Pipeline:
         lag_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
         exclusive_grace_s: float | None = 60.0,
+        publish_depth: int = 2,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -145,10 +164,13 @@ class Pipeline:
         self.lag_interval_s = lag_interval_s
         self.max_backoff_s = max_backoff_s
         self.exclusive_grace_s = exclusive_grace_s
+        self.publish_depth = publish_depth
         self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
         self.summary = RunSummary()
+        self.sink: MilvusSink | None = None
         self._invalid_in_batch = 0
+        self._io_seconds = {"poll": 0.0, "decode": 0.0, "checkpoint": 0.0}  # accumulated until the next batch
         self._last_lag = 0.0
         self._committed: Offsets = {}
         self._exclusive = exclusive_grace_s is None
@@ -161,40 +183,59 @@ class Pipeline:
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
         start = time.monotonic()
+        self.sink = MilvusSink(
+            self.publisher.store,
+            self.stop_event,
+            depth=self.publish_depth,
+            max_backoff_s=self.max_backoff_s,
+            on_error=lambda exc: self.observer.on_error("publish", exc),
+        )
         try:
             self._restore()
-            if not self._exclusive:
-                self.gate.pause("exclusive")
+            if self._exclusive:
+                self._sync_milvus()
+            else:
+                self.gate.pause("exclusive")  # no record and no Milvus write before holding the whole topic
             self.consumer.subscribe([self.topic], listener=self.gate)
             self._joined_at = last_record = time.monotonic()
             while not self.stop_event.is_set():
-                if max_events is not None and self.summary.consumed >= max_events:
-                    break
+                if max_events is not None and self.summary.consumed >= max_events and self._exclusive:
+                    break  # (with 0: restore, sync Milvus once the topic is ours, and stop)
                 n = self._poll_once(max_events)
                 now = time.monotonic()
                 if n or not self._exclusive:  # waiting for the whole topic is not idleness
                     last_record = now
                 self._check_exclusive(now)
-                if self.batcher.due():
+                self._collect()
+                self._backpressure()
+                if self.batcher.due() and self.sink.has_room():
                     self._process()
                     if self.refresh_every_s is not None and now - self._last_refresh >= self.refresh_every_s:
                         self.republish_all()
                 self._report_lag(now)
-                if idle_exit_s is not None and now - last_record > idle_exit_s and not self.batcher.pending():
+                if (
+                    idle_exit_s is not None
+                    and now - last_record > idle_exit_s
+                    and not self.batcher.pending()
+                    and not self.sink.in_flight
+                ):
                     break
             if self.batcher.pending():
                 self._process()
+            self._drain()
             if self.summary.batches:
                 self.republish_all()
+                self._drain()
                 self._save(force=True)
         except Stopped as exc:
             log.warning("stopped during a retry (%s): nothing after the last commit was committed", exc)
         finally:
+            self.sink.close()
             self.summary.seconds = time.monotonic() - start
         return self.summary
 
     def _restore(self) -> None:
-        """Load the checkpoint, position partitions from it, and make Milvus equal the restored model."""
+        """Load the checkpoint and position partitions from it (Milvus is synced once the topic is ours)."""
         if self.checkpointer is None:
             return  # no state to restore: partitions resume at the group's committed offsets
         restored = self.checkpointer.restore()
@@ -202,6 +243,11 @@ class Pipeline:
         self.gate.from_beginning = restored is None or restored.source == "run"
         if restored is not None:
             self.offsets.update(restored.offsets)
+
+    def _sync_milvus(self) -> None:
+        """Make Milvus equal the restored model: delete rows of a lost, newer run; re-publish every embedding."""
+        if self.checkpointer is None:
+            return
         version = self.model.version
         removed = self._retrying("publish", lambda: self.publisher.forget_newer(version))
         if removed:
@@ -217,6 +263,7 @@ class Pipeline:
             return
         if total and len(assigned) == len(total):
             self._exclusive = True
+            self._sync_milvus()
             self.gate.resume("exclusive")
             return
         if self.exclusive_grace_s is not None and now - self._joined_at > self.exclusive_grace_s:
@@ -232,14 +279,16 @@ class Pipeline:
         limit = self.batcher.room()
         if max_events is not None:
             limit = min(limit, max_events - self.summary.consumed)
+        t0 = time.perf_counter()
         try:
-            polled = self.consumer.poll(timeout_ms=100, max_records=max(limit, 1))
+            polled = self.consumer.poll(timeout_ms=20 if self.sink.in_flight else 100, max_records=max(limit, 1))
         except KafkaError as exc:
             self.observer.on_error("poll", exc)
             time.sleep(0.5)
             return 0
-        if self.gate.paused:
-            self.gate.hold_back(polled)  # leaked through a rebalance: read again after resuming
+        t1 = time.perf_counter()
+        if self.gate.paused or limit <= 0:
+            self.gate.hold_back(polled)  # leaked through a rebalance, or no room: read again later
             return 0
         n = 0
         for tp, records in polled.items():
@@ -247,6 +296,8 @@ class Pipeline:
                 self._take(rec, tp)
                 n += 1
         if n:
+            self._io_seconds["poll"] += t1 - t0
+            self._io_seconds["decode"] += time.perf_counter() - t1
             self.summary.consumed += n
             self.observer.on_consumed(n)
         return n
@@ -265,39 +316,130 @@ class Pipeline:
         self.batcher.add(event, record_ts_ms=rec.timestamp or 0)
 
     def _process(self) -> None:
+        """Evaluate, train and hand the batch's rows to the sink; its offsets count once Milvus acknowledges."""
         ranges = self.batcher.ranges()
         batch, record_ts, offsets = self.batcher.take()
         invalid, self._invalid_in_batch = self._invalid_in_batch, 0
-        stages: dict[str, float] = {}
+        stages, self._io_seconds = self._io_seconds, {"poll": 0.0, "decode": 0.0, "checkpoint": 0.0}
+        report = TrainReport(loss=float("nan"), steps=0)
+        empty = np.empty(0, np.int64)
         t0 = time.perf_counter()
         if len(batch):
             self.observer.before_train(batch)
             t1 = time.perf_counter()
             report = self.model.fit_batch(batch)
             t2 = time.perf_counter()
-            published = self._publish_with_retry(batch)
-            t3 = time.perf_counter()
-            stages.update(evaluate=t1 - t0, train=t2 - t1, publish=t3 - t2)
-        t4 = time.perf_counter()
-        self._retrying("dlq", self.dlq.flush)
-        self.offsets.update(offsets)
-        if self.audit_log is not None:
-            self.audit_log.writelines(f"{t} {p} {lo} {hi}\n" for (t, p), (lo, hi) in ranges.items())
-            self.audit_log.flush()
-        self._save()
-        stages["commit"] = time.perf_counter() - t4
-        self.summary.batches += 1
-        self.summary.trained += len(batch)
-        if len(batch):
-            self.observer.after_batch(BatchResult(batch, record_ts, report, published, time.time(), stages, invalid))
+            job = self._prepare(np.unique(batch.item_ids), np.unique(batch.user_ids), (batch.user_ids, batch.item_ids))
+            stages.update(evaluate=t1 - t0, train=t2 - t1, embed=time.perf_counter() - t2)
+        else:  # only dead letters: nothing to write, but their offsets advance in order with the rest
+            job = self._prepare(empty, empty, (empty, empty))
+        self._retrying("dlq", lambda: self.dlq.flush(timeout_s=5.0))  # letters are durable before any commit
+        job.context = _Pending(batch, record_ts, report, offsets, ranges, stages, invalid)
+        self._submit(job)
+
+    def _prepare(self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]) -> UpsertJob:
+        """The model's vectors for ``items``/``users`` as a job, refusing non-finite or mis-sized ones."""
+        item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
+        if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
+            raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
+        dim = self.publisher.store.dim
+        if (len(items) and item_vecs.shape[1] != dim) or (len(users) and user_vecs.shape[1] != dim):
+            raise ValueError(f"the model makes {item_vecs.shape[1]}-d vectors; the Milvus collections hold {dim}-d")
+        return self.publisher.prepare(self.model.version, items, item_vecs, users, user_vecs, interactions)
+
+    def _submit(self, job: UpsertJob) -> None:
+        """Hand ``job`` to the sink, waiting (consumption paused, membership kept) while it is full."""
+        t0 = time.perf_counter()
+        while not self.sink.has_room():
+            if self.stop_event.is_set() and self.sink.failing:
+                raise Stopped("Milvus still failing")
+            self._backpressure()
+            self._wait(0.02)
+            self._collect()
+        self.sink.submit(job)
+        if job.context is not None:
+            job.context.stages["queue"] = time.perf_counter() - t0
+
+    def _backpressure(self) -> None:
+        """Pause consumption while the sink is failing or full; resume when it has room again."""
+        if self.sink.failing or not self.sink.has_room():
+            if "publish" not in self.gate.reasons:
+                self.gate.pause("publish")
+        elif "publish" in self.gate.reasons:
+            self.gate.resume("publish")
+
+    def _apply_acks(self) -> int:
+        """Apply acknowledged jobs in order: served state, offsets, audit log, observers; returns batches."""
+        try:
+            done = self.sink.completed()
+        except SinkStopped as exc:
+            raise Stopped(str(exc)) from exc
+        batches = 0
+        for job in done:
+            published = self.publisher.acknowledged(job)
+            pending: _Pending | None = job.context
+            if pending is None:
+                continue  # a re-publish of known embeddings
+            batches += 1
+            self.offsets.update(pending.offsets)
+            if self.audit_log is not None:
+                self.audit_log.writelines(f"{t} {p} {lo} {hi}\n" for (t, p), (lo, hi) in pending.ranges.items())
+                self.audit_log.flush()
+            self.summary.batches += 1
+            self.summary.trained += len(pending.batch)
+            if len(pending.batch):
+                pending.stages["publish"] = sum(job.upsert_seconds.values())
+                self.observer.after_batch(
+                    BatchResult(
+                        pending.batch,
+                        pending.record_ts,
+                        pending.report,
+                        published,
+                        job.acked_at,
+                        pending.stages,
+                        pending.invalid,
+                    )
+                )
+        return batches
+
+    def _collect(self) -> None:
+        """Apply acknowledgements; checkpoint (after draining what is in flight) or commit when due."""
+        batches = self._apply_acks()
+        if not batches:
+            return
+        if self.checkpointer is None:
+            self._commit(self.offsets)
+            return
+        self.checkpointer.note_batches(batches)
+        if self.checkpointer.due():
+            self._drain()
+            self._save()
+
+    def _drain(self) -> None:
+        """Wait until the sink acknowledged every submitted job (polling, paused, to keep the membership)."""
+        while self.sink.in_flight:
+            if self.stop_event.is_set() and self.sink.failing:
+                raise Stopped("Milvus still failing")
+            self._backpressure()
+            self._wait(0.02)
+            if self.checkpointer is not None:
+                self.checkpointer.note_batches(self._apply_acks())
+            else:
+                self._apply_acks()
+        self._apply_acks()
 
     def _save(self, force: bool = False) -> None:
-        """Checkpoint when due, then commit what it holds; without checkpoints commit every batch."""
-        if self.checkpointer is None or self.checkpointer.batch_done(self.offsets, force=force):
+        """Checkpoint (everything trained is acknowledged: the caller drained), then commit what it holds."""
+        if self.checkpointer is None:
             self._commit(self.offsets)
+        elif force or self.checkpointer.due():
+            t0 = time.perf_counter()
+            self.checkpointer.save(self.offsets)
+            self._commit(self.offsets)
+            self._io_seconds["checkpoint"] += time.perf_counter() - t0
 
     def republish_all(self, chunk: int = 5000) -> None:
-        """Upsert every known item and user at the model's current version, in chunks.
+        """Queue every known item and user at the model's current version, in chunks, to the sink.
 
         Run after a restore, every ``refresh_every_s`` and at a clean stop: a batch publishes only the ids it
         touched, while shared parameters (user histories, graph layers, the popularity prior) move others too.
@@ -305,29 +447,8 @@ class Pipeline:
         empty = np.empty(0, np.int64)
         items, users = self.model.known_items(), self.model.known_users()
         for start in range(0, max(len(items), len(users)), chunk):
-            i, u = items[start : start + chunk], users[start : start + chunk]
-            self._checked_publish(i, u, (empty, empty))
+            self._submit(self._prepare(items[start : start + chunk], users[start : start + chunk], (empty, empty)))
         self._last_refresh = time.monotonic()
-
-    def _checked_publish(
-        self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]
-    ) -> Published:
-        """Publish the model's vectors for ``items``/``users`` (retrying), refusing non-finite or mis-sized ones."""
-        item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
-        if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
-            raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
-        dim = self.publisher.store.dim
-        if (len(items) and item_vecs.shape[1] != dim) or (len(users) and user_vecs.shape[1] != dim):
-            raise ValueError(f"the model makes {item_vecs.shape[1]}-d vectors; the Milvus collections hold {dim}-d")
-        version = self.model.version
-        return self._retrying(
-            "publish", lambda: self.publisher.publish(version, items, item_vecs, users, user_vecs, interactions)
-        )
-
-    def _publish_with_retry(self, batch: Batch) -> Published:
-        return self._checked_publish(
-            np.unique(batch.item_ids), np.unique(batch.user_ids), (batch.user_ids, batch.item_ids)
-        )
 
     def _retrying(self, op: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it succeeds, pausing consumption meanwhile; ``stop()`` ends it with ``Stopped``."""
@@ -368,7 +489,7 @@ class Pipeline:
             return
         meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in ahead.items()}
         try:
-            self.consumer.commit(meta)
+            self.consumer.commit(meta, timeout_ms=5000)  # retried with the next checkpoint anyway
         except (CommitFailedError, KafkaError) as exc:
             # The checkpoint holds these offsets; a restart resumes from it whatever Kafka has.
             self.observer.on_error("commit", exc)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class FlakyMilvus:
@@ -33,3 +38,37 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, every_s: float = 0
             return True
         time.sleep(every_s)
     return condition()
+
+
+@contextlib.contextmanager
+def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]:
+    """``milvus-lite server`` on a free loopback port, so several processes share one Milvus; yields its URI."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("milvus-lite")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                MilvusClient(uri=uri, timeout=2).close()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

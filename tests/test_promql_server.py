@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from ops.metrics import PipelineMetrics
+from ops.metrics import STAGES, PipelineMetrics
 from ops.promql import ALERT_RULES, DASHBOARD, PrometheusQueryError, PrometheusServer, dashboard_queries
 
 # Representative values for every bounded label in ops/metrics.py; an unknown label gets "test".
 LABEL_VALUES = {
     "reason": ["bad_json", "missing_field"],
-    "stage": ["evaluate", "train", "publish", "commit"],
+    "stage": list(STAGES),
     "collection": ["items", "users"],
     "segment": ["all", "cold", "warm"],
     "task": ["retrieval", "infonce"],

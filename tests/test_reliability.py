@@ -4,6 +4,7 @@ SIGTERM during a Milvus outage, poison records, a second trainer in the group, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from stream.broker import EmbeddedBroker
 from stream.kafka_io import make_producer
 from stream.schema import Event, EventCodec
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
-from tests.faults import FlakyMilvus, wait_for
+from tests.faults import FlakyMilvus, milvus_lite_server, wait_for
 
 
 def _send(settings: Settings, first: int, n: int) -> None:
@@ -61,7 +62,7 @@ def _trained(trainer) -> int:  # noqa: ANN001
 
 
 def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
-    broker: EmbeddedBroker, tmp_path: Path
+    broker: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue repro: default schedule, kill -9 before any checkpoint; the restart used to consume nothing."""
     topic, data = "kill-early.events", tmp_path / "data"
@@ -76,25 +77,24 @@ def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
     assert not list((data / "checkpoints").glob("ckpt-*.pt")), "a checkpoint was due: the test needs a faster kill"
 
     settings = load_settings(cfg)
-    first = build_trainer(settings, broker.bootstrap_servers)
+    trainer = build_trainer(settings, broker.bootstrap_servers)
     try:
-        assert first.store.count(first.store.items) > 0  # the dead model's rows
-        first.run(max_events=0)  # restore only: no checkpoint → empty model, Milvus made equal to it
-        assert first.store.count(first.store.items) == 0 and first.store.count(first.store.users) == 0
-    finally:
-        first.close()
-    second = build_trainer(settings, broker.bootstrap_servers)
-    try:
-        summary = second.run(idle_exit_s=10)
-        items = second.model.known_items()
-        rows = second.store.get(second.store.items, items.tolist())
+        dead_rows = trainer.store.count(trainer.store.items) + trainer.store.count(trainer.store.users)
+        assert dead_rows > 0
+        with caplog.at_level(logging.WARNING, logger="stream.pipeline"):
+            summary = trainer.run(idle_exit_s=10)
+        items = trainer.model.known_items()
+        rows = trainer.store.get(trainer.store.items, items.tolist())
         np.testing.assert_allclose(
             np.array([rows[i]["embedding"] for i in items.tolist()], np.float32),
-            second.model.item_embeddings(items),
+            trainer.model.item_embeddings(items),
             atol=1e-5,
         )
+        assert trainer.store.count(trainer.store.items) == len(items)
     finally:
-        second.close()
+        trainer.close()
+    # no checkpoint → the restored model is empty (version 0): every row of the dead run was deleted first
+    assert f"deleted {dead_rows} Milvus rows newer than the restored model (version 0)" in caplog.text
     print(f"kill before first checkpoint: {sum(produced.values())} sent, restart trained {summary.trained}")
     assert summary.trained == sum(produced.values()), "the restart must re-train every event from the beginning"
     counts = coverage(audit, topic)
@@ -176,34 +176,45 @@ def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(setti
 
 
 def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Path) -> None:
-    incumbent = build_trainer(settings, settings.kafka.bootstrap_servers)
-    runner = threading.Thread(target=incumbent.run, daemon=True)
-    runner.start()
-    other = tmp_path / "other"
-    cfg = write_config(
-        tmp_path / "second.toml",
-        settings.kafka.bootstrap_servers,
-        settings.kafka.topic,
-        settings.kafka.group_id,
-        other,
-        kafka={"partitions": settings.kafka.partitions},
-        run={"exclusive_grace_s": 8.0, "data_dir": str(other)},
-    )
-    try:
-        _send(settings, 0, 2000)
-        assert wait_for(lambda: _trained(incumbent) == 2000, 90)
-        second = subprocess.run(
-            [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg)], capture_output=True, text=True, timeout=120
+    """Same group, same Milvus (one served by ``milvus-lite server``): the newcomer trains, commits and writes
+    nothing, and exits with code 75; the running trainer keeps every partition and its rows."""
+    with milvus_lite_server(tmp_path / "shared-milvus") as uri:
+        settings = settings.model_copy(update={"milvus": settings.milvus.model_copy(update={"uri": uri})})
+        incumbent = build_trainer(settings, settings.kafka.bootstrap_servers)
+        runner = threading.Thread(target=incumbent.run, daemon=True)
+        runner.start()
+        other = tmp_path / "other"
+        cfg = write_config(
+            tmp_path / "second.toml",
+            settings.kafka.bootstrap_servers,
+            settings.kafka.topic,
+            settings.kafka.group_id,
+            other,
+            kafka={"partitions": settings.kafka.partitions},
+            milvus={"uri": uri},
+            run={"exclusive_grace_s": 8.0, "data_dir": str(other)},
         )
-        _send(settings, 2000, 1000)
-        assert wait_for(lambda: _trained(incumbent) == 3000, 120), _trained(incumbent)
-    finally:
-        incumbent.pipeline.stop()
-        runner.join(timeout=60)
-        incumbent.close()
+        try:
+            _send(settings, 0, 2000)
+            assert wait_for(lambda: _trained(incumbent) == 2000, 90)
+            rows_before = incumbent.store.count(incumbent.store.items)
+            second = subprocess.run(
+                [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            rows_after = incumbent.store.count(incumbent.store.items)
+            _send(settings, 2000, 1000)
+            assert wait_for(lambda: _trained(incumbent) == 3000, 120), _trained(incumbent)
+        finally:
+            incumbent.pipeline.stop()
+            runner.join(timeout=60)
+            incumbent.close()
     print(f"second trainer: exit {second.returncode}: {second.stderr.strip()[-300:]}")
     assert second.returncode == 75, second.stderr[-2000:]
     assert "another trainer" in second.stderr and "Traceback" not in second.stderr
+    assert rows_before == rows_after == 97, "the refused trainer must not delete or write rows"
     assert _trained(incumbent) == 3000
 
 
