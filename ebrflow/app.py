@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import signal
 import threading
@@ -159,9 +160,13 @@ def build_trainer(
     publisher = Publisher(store)
     metrics = metrics or PipelineMetrics()
     port = None
+    built: list[Pipeline] = []  # /readyz asks the pipeline once it exists
+    metrics.set_build_info(_version(), settings.model.kind, settings.model.dim, settings.metrics.recall_k)
     if settings.metrics.enabled:
-        port = metrics.serve(settings.metrics.host, settings.metrics.port)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
+        port = metrics.serve(
+            settings.metrics.host, settings.metrics.port, readiness=lambda: built[0].readiness() if built else {}
+        )
+        log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", settings.metrics.host, port)
     evaluator = PrequentialEvaluator(
         publisher.items,
         publisher.users,
@@ -207,7 +212,15 @@ def build_trainer(
         run.refresh_every_s,
         exclusive_grace_s=run.exclusive_grace_s or None,
     )
+    built.append(pipeline)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ebrflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _install_stop_handlers(stop: Callable[[], None]) -> dict:

@@ -7,7 +7,13 @@ signals) and ``partition`` (bounded by the topic's partition count). Never an id
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+import json
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from stream.schema import REASONS
 
@@ -151,6 +157,12 @@ class PipelineMetrics:
             "ebrflow_broker_errors", "Broker errors the consumer retried (poll, commit, produce).", ["op"], registry=r
         )
         self.up = Gauge("ebrflow_trainer_up", "1 while the trainer loop runs.", registry=r)
+        self.build_info = Gauge(
+            "ebrflow_build_info",
+            "Always 1; labels say what runs: ebrflow version, model kind, embedding dim, K of Recall@K.",
+            ["version", "model_kind", "dim", "k"],
+            registry=r,
+        )
         self.partitions_assigned = Gauge(
             "ebrflow_partitions_assigned", "Partitions of the topic this trainer holds.", registry=r
         )
@@ -184,10 +196,39 @@ class PipelineMetrics:
         for op in BROKER_OPS:
             self.broker_errors.labels(op)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
-        """Expose the registry at ``http://host:port/metrics`` (loopback unless configured); port 0 picks one.
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 9464, readiness: Callable[[], dict[str, bool]] | None = None
+    ) -> int:
+        """Serve ``/metrics``, ``/healthz`` (200 while the process serves) and ``/readyz`` (200 when every check
+        of ``readiness`` holds, else 503; the body names each check) on ``host:port``; port 0 picks one.
 
-        Returns the bound port.
+        Loopback unless configured. Returns the bound port.
         """
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            if path == "/readyz":
+                checks = readiness() if readiness is not None else {}
+                ok = bool(checks) and all(checks.values())
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+                return [json.dumps({"ready": ok, "checks": checks}).encode()]
+            return metrics_app(environ, start_response)
+
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="ebrflow-metrics", daemon=True).start()
         return server.server_port
+
+    def set_build_info(self, version: str, model_kind: str, dim: int, k: int) -> None:
+        """``ebrflow_build_info`` = 1 with what this trainer runs as labels."""
+        self.build_info.labels(version, model_kind, str(dim), str(k)).set(1)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+        """Drop the line."""

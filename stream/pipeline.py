@@ -175,10 +175,21 @@ class Pipeline:
         self._committed: Offsets = {}
         self._exclusive = exclusive_grace_s is None
         self._joined_at = time.monotonic()
+        self._held = (0, 0)  # (partitions assigned, partitions of the topic), as the loop last saw them
+        self._running = False
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch and exit (interrupts retries: then nothing is committed)."""
         self.stop_event.set()
+
+    def readiness(self) -> dict[str, bool]:
+        """What ``/readyz`` checks: the loop runs, it holds every partition of the topic, Milvus accepts writes."""
+        assigned, total = self._held
+        return {
+            "running": self._running and not self.stop_event.is_set(),
+            "partitions": self._exclusive and total > 0 and assigned == total,
+            "milvus": self.sink is not None and not self.sink.failing,
+        }
 
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
@@ -198,6 +209,7 @@ class Pipeline:
                 self.gate.pause("exclusive")  # no record and no Milvus write before holding the whole topic
             self.consumer.subscribe([self.topic], listener=self.gate)
             self._joined_at = last_record = time.monotonic()
+            self._running = True
             while not self.stop_event.is_set():
                 if max_events is not None and self.summary.consumed >= max_events and self._exclusive:
                     break  # (with 0: restore, sync Milvus once the topic is ours, and stop)
@@ -230,6 +242,7 @@ class Pipeline:
         except Stopped as exc:
             log.warning("stopped during a retry (%s): nothing after the last commit was committed", exc)
         finally:
+            self._running = False
             self.sink.close()
             self.summary.seconds = time.monotonic() - start
         return self.summary
@@ -258,6 +271,7 @@ class Pipeline:
         """Train only while holding every partition of the topic; refuse after the grace."""
         assigned = {tp for tp in self.consumer.assignment() if tp.topic == self.topic}
         total = self.consumer.partitions_for_topic(self.topic) or set()
+        self._held = (len(assigned), len(total))
         self.observer.on_partitions(len(assigned), len(total), self.gate.paused)
         if self._exclusive:
             return

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,16 @@ def _intruder(settings: Settings, seconds: float) -> int:
         got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
     consumer.close()
     return got
+
+
+def _probe(trainer, path: str) -> tuple[int, dict]:  # noqa: ANN001
+    """GET a health path on the trainer's metrics port: (status, JSON body or {})."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{trainer.metrics_port}{path}", timeout=5) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    return status, json.loads(raw) if raw.startswith(b"{") else {}
 
 
 def _trained(trainer) -> int:  # noqa: ANN001
@@ -109,9 +121,13 @@ def test_rebalance_during_milvus_outage_loses_nothing(settings: Settings) -> Non
     try:
         _send(settings, 0, 3000)
         assert wait_for(lambda: _trained(trainer) == 3000, 90), _trained(trainer)
+        assert _probe(trainer, "/healthz")[0] == 200
+        assert wait_for(lambda: _probe(trainer, "/readyz")[0] == 200, 10)
         flaky.failing.set()
         _send(settings, 3000, 4000)
         time.sleep(2)
+        status, body = _probe(trainer, "/readyz")
+        assert status == 503 and body["checks"] == {"running": True, "partitions": True, "milvus": False}
         read_by_intruder = _intruder(settings, 10)  # joins and leaves while the trainer is paused
         assert flaky.failures >= 2 and runner.is_alive()
         flaky.failing.clear()
