@@ -46,6 +46,10 @@ def _intrude(bootstrap: str, settings: Settings, seconds: float = 8.0) -> None:
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
     )
+    # leave only after the join completed: a member closed mid-join can leave Tansu's group rebalancing
+    joined_by = time.monotonic() + 30
+    while not consumer.assignment() and time.monotonic() < joined_by:
+        consumer.poll(timeout_ms=200)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         consumer.poll(timeout_ms=200)

@@ -52,7 +52,10 @@ def _intruder(settings: Settings, seconds: float) -> int:
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
     )
-    got, deadline = 0, time.monotonic() + seconds
+    got, joined_by = 0, time.monotonic() + 30
+    while not consumer.assignment() and time.monotonic() < joined_by:  # leave only after the join completed
+        got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
     consumer.close()
