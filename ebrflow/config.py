@@ -59,7 +59,7 @@ class ModelConfig(Section):
     # (messaging, friend recommendation); user_user stores each edge in both directions
     graph: Literal["bipartite", "user_user"] = "bipartite"
     dim: int = Field(64, ge=2)
-    lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.001)
+    lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.0003)
     temperature: float = Field(0.1, gt=0)
     steps_per_batch: int = Field(1, ge=0)  # 0: no gradient steps (training-free parts only)
     device: str = "auto"
