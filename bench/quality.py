@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.common import DATASETS, StreamResult, evaluate_stream, load_dataset
+from bench.common import DATASETS, SYNTHETIC, StreamResult, evaluate_stream, load_dataset
 from bench.output import Run, add_common_args, table
 from bench.plots import lines_over_time
 from bench.scorers import (
@@ -325,7 +325,7 @@ def tables_for(name: str, res: dict[str, Any], k: int, tune_fraction: float) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=[*DATASETS, SYNTHETIC])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--k", type=int, default=20, help="top-K cut-off")
     parser.add_argument("--tune-fraction", type=float, default=0.2)
