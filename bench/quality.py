@@ -81,7 +81,6 @@ ABLATION: dict[str, tuple[str, ...]] = {
     "retrieval + cca_ssg": ("retrieval", "cca_ssg"),
     "retrieval + graphmae": ("retrieval", "graphmae"),
     "retrieval + infonce": ("retrieval", "infonce"),
-    "retrieval + all three SSL tasks": ("retrieval", "cca_ssg", "graphmae", "infonce"),
 }
 
 
@@ -107,18 +106,6 @@ def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
     out.append(_ebrflow("ebrflow SSMTL, no popularity prior", "ssmtl", {**graph, "popularity_half_life": 0}, "variant"))
     if dataset == "collegemsg":
         out.append(_ebrflow("ebrflow SSMTL, bipartite graph", "ssmtl", {}, "variant"))
-    out.append(
-        _ebrflow(
-            "ebrflow SSMTL, seed encoder (sage, no spectral, 3 tasks)",
-            "ssmtl",
-            {
-                **graph,
-                "lr": 0.01,
-                "options": {"propagation": "sage", "spectral": False, "tasks": ("retrieval", "cca_ssg", "graphmae")},
-            },
-            "variant",
-        )
-    )
     out.append(_ebrflow("ebrflow TwoTower + popularity prior (old default)", "two_tower", {}, "variant"))
     return out
 
@@ -134,16 +121,6 @@ def families(dataset: str, smoke: bool, with_ssmtl: bool) -> tuple[list[Family],
     out = ebrflow_families(dataset, smoke) if with_ssmtl else []
     if not with_ssmtl:
         notes.append("ebrflow SSMTL rows skipped (--no-ssmtl).")
-    if not smoke:
-        out.append(
-            Family(
-                "ebrflow TwoTower + popularity prior, tuned",
-                lambda p: ModelScorer("ebrflow TwoTower", app_model("two_tower", p)),
-                {},
-                _grid(lr=[0.05, 0.2], steps_per_batch=[1, 3]),
-                "variant",
-            )
-        )
     for kind, default_lr in (("FunkMF", 0.1), ("BiasedMF", 0.01)):  # river 0.26.1 defaults: SGD(0.1) / SGD()
         out.append(
             Family(
