@@ -104,6 +104,7 @@ class SSMTLModel:
         key_layers: tuple[float, ...] | None = (1.0, 0.0, 0.0),
         recency_half_life: float = 20.0,
         normalise_keys: bool = False,
+        residual_l2: float = 0.0,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -121,7 +122,7 @@ class SSMTLModel:
         feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
         self.propagation, self.spectral, self.spectral_every = propagation, spectral, spectral_every
         self.spectral_a, self.spectral_b, self.recency_half_life = spectral_a, spectral_b, recency_half_life
-        self.spectral_power, self.normalise_keys = spectral_power, normalise_keys
+        self.spectral_power, self.normalise_keys, self.residual_l2 = spectral_power, normalise_keys, residual_l2
         if propagation == "sage":
             query_layers = key_layers = None
         self.encoder = GraphEncoder(
@@ -289,10 +290,19 @@ class SSMTLModel:
             return None
         w = self.balancer.combine(losses, self.encoder.shared_parameters())
         total = sum(w[name] * loss for name, loss in losses.items())
+        if self.residual_l2 > 0:
+            total = total + self.residual_l2 * self._residual_norm(users, items)
         if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
             return None
         self._version += 1
         return float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w
+
+    def _residual_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """Mean squared length of the trained id embeddings of the step's users plus that of its items."""
+        dev, tables = self.device, self.encoder.tables
+        u = tables[USER](torch.from_numpy(users).to(dev))
+        i = tables[self.graph.item_type](torch.from_numpy(items).to(dev))
+        return u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
 
     def _all_embeddings(self) -> dict[str, torch.Tensor]:
         """Served vectors of every user row ("query") and item row ("key"), recomputed when the model changed."""

@@ -133,3 +133,13 @@ def test_mgda_runs_with_parameter_free_propagation() -> None:
     m = SSMTLModel(dim=8, tasks=("retrieval", "infonce"), balancing="mgda", device="cpu")
     report = m.fit_batch(next(_two_blocks(1)))
     assert report.steps == 1 and np.isfinite(report.loss)
+
+
+def test_residual_l2_is_the_mean_squared_length_of_touched_rows() -> None:
+    m = SSMTLModel(dim=2, device="cpu", residual_l2=0.5)
+    m.fit_batch(Batch.of([1, 2], [7, 8]))
+    with torch.no_grad():
+        m.encoder.tables[0].weight[:2] = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+        m.encoder.tables[1].weight[:2] = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    # users: (25 + 0) / 2 ; items: (1 + 4) / 2
+    assert m._residual_norm(np.array([0, 1]), np.array([0, 1])).item() == pytest.approx(12.5 + 2.5)
