@@ -29,9 +29,26 @@ DATASETS = {
 }
 
 
+SYNTHETIC = "synthetic"  # the built-in generator with the demo's settings (60,000 events), not a file
+
+
+def synthetic_events(n_events: int = 60_000) -> EventArrays:
+    """The stream ``ebrflow demo`` replays: ``SyntheticStream`` with ``DemoConfig`` defaults."""
+    from ebrflow.config import DemoConfig
+    from stream.generator import SyntheticStream
+
+    d = DemoConfig()
+    gen = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
+    parts = list(gen.chunks(n_events))
+    return EventArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("user_ids", "item_ids", "ts_ms")))
+
+
 def load_dataset(name: str, limit: int | None = None) -> EventArrays:
-    """A shared dataset in time order (stable sort), optionally its first ``limit`` events."""
+    """A shared dataset (or ``SYNTHETIC``) in time order (stable sort), optionally its first ``limit`` events."""
     from stream.replay import read_events
+
+    if name == SYNTHETIC:
+        return synthetic_events(limit or 60_000)
 
     path, fmt = DATASETS[name]
     events = read_events(path, fmt)

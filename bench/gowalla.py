@@ -21,7 +21,7 @@ from model.backfill import backfill
 from model.base import Batch
 from model.ssmtl import SSMTLModel
 
-DATA = Path("/work/shared/data/lightgcn-gowalla")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lightgcn-gowalla"
 RESULTS = Path(__file__).parent / "results"
 PUBLISHED = {"LightGCN (paper, 3 layers)": (0.1830, 0.1554)}
 VARIANTS = {

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 def build_model(cfg: ModelConfig) -> RetrievalModel:
     """The configured model; ``options`` go to its constructor as extra keyword arguments.
 
+    ``graph="user_user"`` makes the SSMTL graph user–user with both edge directions stored.
     With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
     smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
     """
@@ -45,19 +46,22 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     prior = cfg.popularity_half_life > 0
     common = dict(
         dim=cfg.dim - 1 if prior else cfg.dim,
-        lr=cfg.lr,
         temperature=cfg.temperature,
         steps_per_batch=cfg.steps_per_batch,
         device=cfg.device,
         seed=cfg.seed,
     )
+    if cfg.lr is not None:
+        common["lr"] = cfg.lr
     if cfg.kind == "ssmtl":
         from model.ssmtl import SSMTLModel
 
-        model: RetrievalModel = SSMTLModel(**common, **cfg.options)
+        graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
+        model: RetrievalModel = SSMTLModel(**common, **{**graph, **cfg.options})
     else:
         model = TwoTowerModel(**common, **cfg.options)
-    return PopularityPrior(model, cfg.popularity_half_life, scale=cfg.temperature) if prior else model
+    scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
+    return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict:

@@ -61,15 +61,19 @@ class BatchConfig(Section):
 class ModelConfig(Section):
     """Which model and its main knobs (``two_tower``: id embeddings; ``ssmtl``: graph encoder + SSL tasks)."""
 
-    kind: Literal["two_tower", "ssmtl"] = "two_tower"
+    kind: Literal["two_tower", "ssmtl"] = "ssmtl"
+    # the graph kind (ssmtl only): "bipartite" user→item, or "user_user" when both ends of an event are users
+    # (messaging, friend recommendation); user_user stores each edge in both directions
+    graph: Literal["bipartite", "user_user"] = "bipartite"
     dim: int = Field(64, ge=2)
-    lr: float = Field(0.05, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.0003)
     temperature: float = Field(0.1, gt=0)
-    steps_per_batch: int = Field(1, ge=1)
+    steps_per_batch: int = Field(1, ge=0)  # 0: no gradient steps (training-free parts only)
     device: str = "auto"
     threads: int = Field(1, ge=1)  # torch intra-op threads; >1 oversubscribes small per-batch steps (see bench)
     seed: int = 0
     popularity_half_life: float = Field(1000.0, ge=0)  # events; 0 turns the served recent-popularity prior off
+    popularity_scale: float | None = Field(None, ge=0)  # weight of log recent popularity (None: = temperature)
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
 
 

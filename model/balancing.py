@@ -92,7 +92,18 @@ class MGDA:
         for loss in losses.values():
             grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
             rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared)])
+                torch.cat(
+                    [
+                        (
+                            g.to_dense()
+                            if g is not None and g.is_sparse
+                            else g
+                            if g is not None
+                            else torch.zeros_like(p)
+                        ).reshape(-1)
+                        for g, p in zip(grads, shared)
+                    ]
+                )
             )
         return torch.stack(rows)
 

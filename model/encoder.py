@@ -1,4 +1,8 @@
-"""Graph encoder: id (+ side-feature) inputs, mean aggregation over sampled neighbours, L2-normalised output."""
+"""Graph encoder: id (+ side-feature) inputs, mean aggregation over sampled neighbours, L2-normalised output.
+
+Two propagations: ``sage`` (the seed's GraphSAGE-style layers with dense transforms) and ``lightgcn``
+(parameter-free: a layer's output is the mean of the neighbours' states, no transform, no nonlinearity).
+"""
 
 from __future__ import annotations
 
@@ -62,28 +66,85 @@ class MeanAggregation(torch.nn.Module):
         return self.self_lin(h) + self.nbr_lin(nbr_mean)
 
 
+class NeighbourMean(torch.nn.Module):
+    """A parameter-free LightGCN layer: the next state of a node is the mean of its neighbours' states.
+
+    >>> NeighbourMean()(torch.ones(1, 2), torch.tensor([[0.5, 2.0]])).tolist()
+    [[0.5, 2.0]]
+    """
+
+    def forward(self, h: torch.Tensor, nbr_mean: torch.Tensor) -> torch.Tensor:
+        """Ignore the node's own state; return the neighbours' mean."""
+        return nbr_mean
+
+
+def combine_layers(outs: list[torch.Tensor], weights: tuple[float, ...] | None) -> torch.Tensor:
+    """Weighted sum of per-layer states (``weights`` None: their mean, LightGCN's layer combination).
+
+    >>> combine_layers([torch.ones(2), 3 * torch.ones(2)], None).tolist(), combine_layers(
+    ...     [torch.ones(2), 3 * torch.ones(2)], (0.0, 1.0)).tolist()
+    ([2.0, 2.0], [3.0, 3.0])
+    """
+    if weights is None:
+        return torch.stack(outs).mean(dim=0)
+    if len(weights) != len(outs):
+        raise ValueError(f"{len(weights)} layer weights for {len(outs)} layer states")
+    return sum(w * o for w, o in zip(weights, outs) if w)  # type: ignore[return-value]
+
+
 class GraphEncoder(torch.nn.Module):
     """Per node type an id table (sparse grads) plus an optional side-feature projection; shared dense layers.
 
     The output is the L2-normalised mean of the root's states after 0..n_layers layers (LightGCN's layer
     combination), so a node with few events still gets most of its embedding from its neighbours.
+    ``propagation`` picks the layers ("sage": dense transforms; "lightgcn": parameter-free ``NeighbourMean``).
+    ``query_layers``/``key_layers`` (None: the mean) weight the layer states of user-side (query) and item-side
+    (key) roots. A node's layer-0 input is its id embedding plus a fixed ``base`` vector when one is set
+    (e.g. spectral embeddings of the live graph, see ``model.spectral``); ``init_std`` 0 starts ids at zero.
     """
 
-    def __init__(self, dim: int, n_types: int, n_layers: int = 2, feature_dims: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_types: int,
+        n_layers: int = 2,
+        feature_dims: tuple[int, ...] = (),
+        propagation: str = "sage",
+        query_layers: tuple[float, ...] | None = None,
+        key_layers: tuple[float, ...] | None = None,
+        init_std: float = 0.1,
+    ) -> None:
         super().__init__()
+        if propagation not in ("sage", "lightgcn"):
+            raise ValueError(f"unknown propagation {propagation!r}")
         self.dim = dim
         self.n_layers = n_layers
-        self.tables = torch.nn.ModuleList([GrowableEmbedding(dim) for _ in range(n_types)])
+        self.propagation = propagation
+        self.role_layers = {"query": query_layers, "key": key_layers}
+        self.tables = torch.nn.ModuleList([GrowableEmbedding(dim, init_std=init_std) for _ in range(n_types)])
         dims = tuple(feature_dims) + (0,) * (n_types - len(feature_dims))
         self.feature_dims = dims
         self.projections = torch.nn.ModuleList([torch.nn.Linear(max(d, 1), dim, bias=False) for d in dims])
         for t, d in enumerate(dims):
             self.register_buffer(f"features_{t}", torch.zeros(1024 if d else 0, d))
-        self.layers = torch.nn.ModuleList([MeanAggregation(dim) for _ in range(n_layers)])
+        for t in range(n_types):
+            self.register_buffer(f"base_{t}", torch.zeros(0, dim))
+        make = (lambda: MeanAggregation(dim)) if propagation == "sage" else NeighbourMean
+        self.layers = torch.nn.ModuleList([make() for _ in range(n_layers)])
+
+    def base(self, node_type: int) -> torch.Tensor:
+        """The fixed layer-0 vectors of ``node_type`` (rows × dim; empty when none are set)."""
+        return getattr(self, f"base_{node_type}")
+
+    def set_base(self, node_type: int, values: torch.Tensor) -> None:
+        """Replace the fixed layer-0 vectors of ``node_type`` (rows beyond them get none)."""
+        setattr(self, f"base_{node_type}", values.to(self.tables[0].weight.device, torch.float32))
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
-        """The dense parameters every task shares (aggregation layers and feature projections): MGDA's target."""
-        return [p for p in self.layers.parameters()] + [
+        """The parameters every task shares, MGDA's target: aggregation layers and feature projections, or the id
+        tables when the propagation has no parameters (``lightgcn``)."""
+        layers = list(self.layers.parameters()) or [t.weight for t in self.tables]
+        return layers + [
             p for t, proj in enumerate(self.projections) if self.feature_dims[t] for p in proj.parameters()
         ]
 
@@ -108,6 +169,10 @@ class GraphEncoder(torch.nn.Module):
     def inputs_of(self, rows: torch.Tensor, node_type: int) -> torch.Tensor:
         """Layer-0 input of ``rows``: id embedding plus projected side features (when configured)."""
         x = self.tables[node_type](rows)
+        base = self.base(node_type)
+        if len(base):
+            inside = rows < len(base)
+            x = x + base[rows.clamp_max(len(base) - 1)] * inside.unsqueeze(-1)
         if self.feature_dims[node_type]:
             feats = self.features(node_type)
             inside = rows < len(feats)
@@ -144,10 +209,12 @@ class GraphEncoder(torch.nn.Module):
         masks: list[torch.Tensor],
         noise: float = 0.0,
         gen: torch.Generator | None = None,
+        role: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the layers bottom-up over the tree; returns (normalised root embedding, hop-1 states after layer 1).
 
-        ``noise`` > 0 perturbs every layer's output (SimGCL views).
+        ``noise`` > 0 perturbs every layer's output (SimGCL views); ``role`` ("query"/"key") picks the layer
+        weights of that side (None: the mean over layers).
         """
         hs, outs, hop1 = list(xs), [xs[0]], xs[1] if len(xs) > 1 else xs[0]
         for k, layer in enumerate(self.layers):
@@ -155,11 +222,47 @@ class GraphEncoder(torch.nn.Module):
             outs.append(hs[0])
             if k == 0 and len(hs) > 1:
                 hop1 = hs[1]
-        return F.normalize(torch.stack(outs).mean(dim=0), dim=-1), hop1
+        weights = self.role_layers.get(role) if role else None
+        return F.normalize(combine_layers(outs, weights), dim=-1), hop1
 
     def forward(self, tree: Tree) -> torch.Tensor:
         """Normalised embeddings of the tree's roots."""
         return self.propagate(self.inputs(tree), tree.masks)[0]
+
+    @torch.no_grad()
+    def all_inputs(self, node_type: int, n_rows: int, chunk: int = 8192) -> torch.Tensor:
+        """Layer-0 inputs of rows 0..n_rows-1 of ``node_type``."""
+        dev = self.tables[0].weight.device
+        parts = [
+            self.inputs_of(torch.arange(s, min(s + chunk, n_rows), device=dev), node_type)
+            for s in range(0, n_rows, chunk)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.dim, device=dev)
+
+    @torch.no_grad()
+    def infer_roles(
+        self,
+        inputs: tuple[torch.Tensor, torch.Tensor],
+        query_adj: torch.Tensor,
+        key_adj: torch.Tensor,
+        normalise_keys: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-graph LightGCN propagation: (query vectors of every user row, key vectors of every item row).
+
+        ``inputs`` = (layer-0 user states, layer-0 item states); ``query_adj`` (users × items) and ``key_adj``
+        (items × users) are the normalised sparse adjacencies. Layer l+1 of a user is ``query_adj`` times layer l
+        of the items (and vice versa); each role combines its layers with its weights. Queries are L2-normalised;
+        keys only with ``normalise_keys`` (otherwise their length carries how central an item is).
+        """
+        users, items = [inputs[0]], [inputs[1]]
+        for _ in range(self.n_layers):
+            users, items = (
+                users + [torch.sparse.mm(query_adj, items[-1])],
+                items + [torch.sparse.mm(key_adj, users[-1])],
+            )
+        query = combine_layers(users, self.role_layers["query"])
+        key = combine_layers(items, self.role_layers["key"])
+        return F.normalize(query, dim=-1), F.normalize(key, dim=-1) if normalise_keys else key
 
     @torch.no_grad()
     def infer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from model.tables import IdIndex
@@ -107,6 +108,72 @@ class RingBuffers:
         self.count[rows] = 0
 
 
+class EdgeLog:
+    """Every distinct (src, dst) edge ever added, with its last event time: the whole history, not a ring buffer.
+
+    Appends are O(1) amortised; duplicates are removed lazily (``compact``), so memory is O(distinct edges).
+
+    >>> log = EdgeLog()
+    >>> log.append(np.array([0, 0, 1]), np.array([5, 5, 6]), np.array([1, 2, 3]))
+    >>> log.compact(); log.src.tolist(), log.dst.tolist(), log.ts.tolist()
+    ([0, 1], [5, 6], [2, 3])
+    """
+
+    def __init__(self) -> None:
+        self.src = np.zeros(0, dtype=np.int64)
+        self.dst = np.zeros(0, dtype=np.int64)
+        self.ts = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def append(self, src: np.ndarray, dst: np.ndarray, ts: np.ndarray) -> None:
+        """Record edges (duplicates allowed until the next ``compact``)."""
+        self._pending.append((np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(ts, np.int64)))
+
+    def compact(self) -> None:
+        """Merge pending edges and keep each (src, dst) once, with its latest time."""
+        if not self._pending:
+            return
+        src = np.concatenate([self.src, *(p[0] for p in self._pending)])
+        dst = np.concatenate([self.dst, *(p[1] for p in self._pending)])
+        ts = np.concatenate([self.ts, *(p[2] for p in self._pending)])
+        self._pending = []
+        order = np.lexsort((-ts, dst, src))
+        src, dst, ts = src[order], dst[order], ts[order]
+        first = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]
+        self.src, self.dst, self.ts = src[first], dst[first], ts[first]
+
+    def matrix(self, shape: tuple[int, int], cutoff: int | None = None, symmetric: bool = False) -> sp.csr_matrix:
+        """Binary (src × dst) sparse matrix of the edges not older than ``cutoff`` (both directions if symmetric)."""
+        self.compact()
+        keep = self.ts >= cutoff if cutoff is not None else np.ones(len(self.ts), dtype=bool)
+        r, c = self.src[keep], self.dst[keep]
+        if symmetric:
+            r, c = np.r_[r, c], np.r_[c, r]
+        m = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=shape)
+        m.data[:] = 1.0  # duplicates summed by the constructor count once
+        return m
+
+    def state_dict(self) -> dict:
+        """The compacted edges as tensors."""
+        self.compact()
+        return {
+            "src": torch.from_numpy(self.src.copy()),
+            "dst": torch.from_numpy(self.dst.copy()),
+            "ts": torch.from_numpy(self.ts.copy()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``."""
+        self.src, self.dst, self.ts = (state[k].numpy().copy() for k in ("src", "dst", "ts"))
+        self._pending = []
+
+
+def _torch_sparse(m: sp.coo_matrix) -> torch.Tensor:
+    idx = torch.from_numpy(np.stack([m.row, m.col]).astype(np.int64))
+    vals = torch.from_numpy(m.data.astype(np.float32))
+    return torch.sparse_coo_tensor(idx, vals, m.shape, check_invariants=False).coalesce()
+
+
 class GraphStore:
     """Bipartite user–item or user–user interaction graph fed by events, with TTL eviction and fanout sampling.
 
@@ -142,6 +209,7 @@ class GraphStore:
         self.items = IdIndex() if mode == "bipartite" else self.users
         self.buffers = [RingBuffers(capacity)] + ([RingBuffers(capacity)] if mode == "bipartite" else [])
         self.degree = np.zeros(1024, dtype=np.int64)
+        self.log = EdgeLog()
         self.generation = 0
         self._now: int | None = None
         self._rng = np.random.default_rng(seed)
@@ -182,6 +250,7 @@ class GraphStore:
         if len(self.degree) < len(self.users):
             self.degree = np.pad(self.degree, (0, max(len(self.users), 2 * len(self.degree)) - len(self.degree)))
         np.add.at(self.degree, u, 1)
+        self.log.append(u, i, ts)
         if self.mode == "bipartite":
             self.buffers[USER].append(u, i, ts)
             self.buffers[ITEM].append(i, u, ts)
@@ -241,6 +310,52 @@ class GraphStore:
         vals = torch.from_numpy(1.0 / deg[r])
         return torch.sparse_coo_tensor(idx, vals, (n, m), check_invariants=False).coalesce()
 
+    def edges(self, recency_half_life: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every buffered, unexpired edge of the user side as (user rows, neighbour rows, weights).
+
+        With ``recency_half_life`` > 0 an edge's weight halves for every ``recency_half_life`` newer neighbours
+        in the same user's buffer (its most recent interaction weighs 1); otherwise every weight is 1.
+        """
+        rb = self.buffers[USER]
+        n = self.n_rows(USER)
+        valid = rb.valid(np.arange(n), self.cutoff())
+        r, c = np.nonzero(valid)
+        w = np.ones(len(r))
+        if recency_half_life > 0 and len(r):
+            newness = (np.arange(rb.capacity)[None, :] - rb.count[:n, None]) % rb.capacity  # later write: larger
+            key = np.where(valid, np.maximum(rb.ts[:n], 0) * rb.capacity + newness, -1)
+            order = np.argsort(-key, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(rb.capacity), order.shape), axis=1)
+            w = 0.5 ** (rank[r, c] / recency_half_life)
+        return r, rb.nbr[r, c], w
+
+    def interaction_matrix(self, recency_half_life: float = 0.0) -> sp.csr_matrix:
+        """(users × neighbour rows) sparse matrix of ``edges`` (binary unless ``recency_half_life`` > 0)."""
+        r, c, w = self.edges(recency_half_life)
+        shape = (self.n_rows(USER), self.n_rows(self.other(USER)))
+        return sp.csr_matrix((w, (r, c)), shape=shape)
+
+    def lightgcn_adjacency(self, recency_half_life: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric-normalised sparse adjacencies (users × items, items × users) for full-graph propagation.
+
+        ``D_u^(-1/2) · W · D_i^(-1/2)`` with degrees counted on the binary user-side buffers; ``W`` carries the
+        recency weights on the user → item direction only (an item's users all count the same).
+        """
+        binary = self.interaction_matrix()
+        weighted = self.interaction_matrix(recency_half_life) if recency_half_life > 0 else binary
+        du = np.maximum(np.asarray(binary.sum(axis=1)).ravel(), 1.0) ** -0.5
+        di = np.maximum(np.asarray(binary.sum(axis=0)).ravel(), 1.0) ** -0.5
+        query = (sp.diags(du) @ weighted @ sp.diags(di)).tocoo()
+        key = (sp.diags(di) @ binary.T @ sp.diags(du)).tocoo()
+        return _torch_sparse(query), _torch_sparse(key)
+
+    def history_matrix(self) -> sp.csr_matrix:
+        """Binary (users × neighbour rows) matrix of every distinct edge within the TTL, from the whole history
+        (not only the ring buffers); user–user graphs stored symmetric get both directions."""
+        shape = (self.n_rows(USER), self.n_rows(self.other(USER)))
+        return self.log.matrix(shape, self.cutoff(), symmetric=self.mode == "user_user" and self.symmetric)
+
     def user_degree(self, user_ids: np.ndarray) -> np.ndarray:
         """Lifetime number of events per user (as the user side); a small number marks a cold user."""
         return self.degree[self.users.lookup(np.asarray(user_ids, dtype=np.int64))]
@@ -256,6 +371,7 @@ class GraphStore:
         state["now"] = torch.tensor(-1 if self._now is None else self._now, dtype=torch.int64)
         state["has_now"] = self._now is not None
         state["generation"] = self.generation
+        state["log"] = self.log.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -269,3 +385,5 @@ class GraphStore:
                 setattr(rb, name, state[f"{t}.{name}"].numpy().copy())
         self._now = int(state["now"]) if state["has_now"] else None
         self.generation = int(state["generation"]) + 1
+        if "log" in state:
+            self.log.load_state_dict(state["log"])

@@ -1,4 +1,11 @@
-"""SSMTL: a graph encoder trained per micro-batch on retrieval plus self-supervised tasks (fixed or MGDA weights)."""
+"""SSMTL: a graph encoder trained per micro-batch on retrieval plus self-supervised tasks (fixed or MGDA weights).
+
+Default encoder (``propagation="lightgcn"``, ``spectral=True``): every node's layer-0 vector is a fixed spectral
+embedding of the live graph (``model.spectral``, refitted every ``spectral_every`` events and rotated onto the
+previous fit) plus a trained free id embedding (zero at first); parameter-free LightGCN layers propagate them over
+the symmetric-normalised live adjacency. A user with 1–5 events is the (recency-weighted) propagation of its
+items' vectors, so it is useful from its first event.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from model.encoder import GraphEncoder, Tree
 from model.frequency import ItemFrequency
 from model.graph import USER, GraphStore
 from model.replay import Reservoir
+from model.spectral import procrustes, spectral_embeddings
 from model.tables import regrow_optimizer_state
 from model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
 from model.two_tower import finite_step, pick_device
@@ -57,7 +65,7 @@ class SSMTLModel:
         self,
         *,
         dim: int = 64,
-        lr: float = 0.01,
+        lr: float = 0.0003,
         dense_lr: float = 0.001,
         temperature: float = 0.1,
         logq: bool = True,
@@ -67,7 +75,7 @@ class SSMTLModel:
         ttl_ms: int | None = None,
         graph_mode: Literal["bipartite", "user_user"] = "bipartite",
         symmetric: bool | None = None,
-        tasks: tuple[str, ...] = ("retrieval", "cca_ssg", "graphmae"),
+        tasks: tuple[str, ...] = ("retrieval",),
         task_weights: dict[str, float] | None = None,
         balancing: Literal["fixed", "mgda"] = "fixed",
         cca_fraction: float = 0.25,
@@ -86,6 +94,17 @@ class SSMTLModel:
         max_step_size: int = 2048,
         user_feature_dim: int = 0,
         item_feature_dim: int = 0,
+        propagation: Literal["sage", "lightgcn"] = "lightgcn",
+        spectral: bool = True,
+        spectral_every: int = 256,
+        spectral_a: float = 0.0,
+        spectral_b: float = 0.5,
+        spectral_power: float = 1.0,
+        query_layers: tuple[float, ...] | None = (0.0, 1.0, 0.0),
+        key_layers: tuple[float, ...] | None = (1.0, 0.0, 0.0),
+        recency_half_life: float = 20.0,
+        normalise_keys: bool = False,
+        residual_l2: float = 0.0,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -101,7 +120,22 @@ class SSMTLModel:
         self.device = pick_device(device)
         self.graph = GraphStore(graph_mode, symmetric, neighbour_capacity, ttl_ms, seed)
         feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
-        self.encoder = GraphEncoder(dim, self.graph.n_types, len(self.fanouts), feature_dims).to(self.device)
+        self.propagation, self.spectral, self.spectral_every = propagation, spectral, spectral_every
+        self.spectral_a, self.spectral_b, self.recency_half_life = spectral_a, spectral_b, recency_half_life
+        self.spectral_power, self.normalise_keys, self.residual_l2 = spectral_power, normalise_keys, residual_l2
+        if propagation == "sage":
+            query_layers = key_layers = None
+        self.encoder = GraphEncoder(
+            dim,
+            self.graph.n_types,
+            len(self.fanouts),
+            feature_dims,
+            propagation=propagation,
+            query_layers=query_layers,
+            key_layers=key_layers,
+            init_std=0.0 if spectral else 0.1,
+        ).to(self.device)
+        self._since_refit: int | None = None  # events since the last spectral fit (None: never fitted)
         built: dict[str, Task] = {
             "retrieval": RetrievalTask(temperature, logq),
             "cca_ssg": CCASSGTask(cca_fraction, cca_lambda, edge_drop, feature_drop),
@@ -138,6 +172,7 @@ class SSMTLModel:
     def fit_batch(self, batch: Batch) -> TrainReport:
         """Add the batch to the graph, grow tables for new ids, and train on it mixed with replayed events."""
         u, i = self.ingest(batch)
+        self._maybe_refit(len(batch))
         ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
         self.reservoir.add(u, i, batch.weights)
         users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
@@ -174,6 +209,39 @@ class SSMTLModel:
         self._mark_targets(i)
         self.frequency.update(i)
         return u, i
+
+    def _maybe_refit(self, n_events: int) -> None:
+        """Refit the spectral layer-0 vectors once ``spectral_every`` events arrived since the last fit."""
+        if not self.spectral:
+            return
+        self._since_refit = None if self._since_refit is None else self._since_refit + n_events
+        if self._since_refit is None or self._since_refit >= self.spectral_every:
+            self.refit_spectral()
+
+    def refit_spectral(self) -> None:
+        """Spectral embeddings of the live graph as every node's fixed layer-0 vector, aligned to the last fit.
+
+        Bipartite: users get ``U S`` and items ``V S``; user–user: every node gets its column vector ``V S``.
+        The new basis is rotated (orthogonal Procrustes over the rows both fits share) onto the previous one,
+        so the trained id embeddings added on top keep their meaning.
+        """
+        g, enc = self.graph, self.encoder
+        rows, cols = spectral_embeddings(
+            g.history_matrix(), self.dim, self.spectral_a, self.spectral_b, seed=self.seed, power=self.spectral_power
+        )
+        new = [rows, cols] if g.mode == "bipartite" else [cols]
+        old = [enc.base(t).cpu().numpy() for t in range(g.n_types)]
+        shared = [min(len(o), len(n)) for o, n in zip(old, new)]
+        if sum(shared):
+            q = procrustes(
+                np.concatenate([n[:k] for n, k in zip(new, shared)]),
+                np.concatenate([o[:k] for o, k in zip(old, shared)]),
+            )
+            new = [n @ q for n in new]
+        for t, values in enumerate(new):
+            enc.set_base(t, torch.from_numpy(values.astype(np.float32)))
+        self._since_refit = 0
+        self._cache = None
 
     def _mark_targets(self, item_rows: np.ndarray) -> None:
         n = self.graph.n_rows(self.graph.item_type)
@@ -222,36 +290,59 @@ class SSMTLModel:
             return None
         w = self.balancer.combine(losses, self.encoder.shared_parameters())
         total = sum(w[name] * loss for name, loss in losses.items())
+        if self.residual_l2 > 0:
+            total = total + self.residual_l2 * self._residual_norm(users, items)
         if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
             return None
         self._version += 1
         return float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w
 
-    def _all_embeddings(self) -> dict[int, torch.Tensor]:
+    def _residual_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """Mean squared length of the trained id embeddings of the step's users plus that of its items."""
+        dev, tables = self.device, self.encoder.tables
+        u = tables[USER](torch.from_numpy(users).to(dev))
+        i = tables[self.graph.item_type](torch.from_numpy(items).to(dev))
+        return u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
+
+    def _all_embeddings(self) -> dict[str, torch.Tensor]:
+        """Served vectors of every user row ("query") and item row ("key"), recomputed when the model changed."""
         key = (self._version, self.graph.generation)
         if self._cache is None or self._cache[0] != key:
             g = self.graph
-            types = range(g.n_types)
-            adjacency = {t: g.adjacency(t).to(self.device) for t in types}
-            other = {t: g.other(t) for t in types}
-            full = {t: self.encoder.infer(np.arange(g.n_rows(t)), t, adjacency, other) for t in types}
+            if self.propagation == "lightgcn":
+                query_adj, key_adj = g.lightgcn_adjacency(self.recency_half_life)
+                inputs = (
+                    self.encoder.all_inputs(USER, g.n_rows(USER)),
+                    self.encoder.all_inputs(g.item_type, g.n_rows(g.item_type)),
+                )
+                q, k = self.encoder.infer_roles(
+                    inputs, query_adj.to(self.device), key_adj.to(self.device), self.normalise_keys
+                )
+                full = {"query": q, "key": k}
+            else:
+                types = range(g.n_types)
+                adjacency = {t: g.adjacency(t).to(self.device) for t in types}
+                other = {t: g.other(t) for t in types}
+                per_type = {t: self.encoder.infer(np.arange(g.n_rows(t)), t, adjacency, other) for t in types}
+                full = {"query": per_type[USER], "key": per_type[g.item_type]}
             self._cache = (key, full)
         return self._cache[1]
 
-    def _embed(self, node_type: int, rows: np.ndarray) -> np.ndarray:
-        emb = self._all_embeddings()[node_type]
+    def _embed(self, role: str, rows: np.ndarray) -> np.ndarray:
+        emb = self._all_embeddings()[role]
         return emb[torch.from_numpy(rows).to(self.device)].cpu().numpy().astype(np.float32)
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
         """L2-normalised user vectors (unknown ids raise KeyError)."""
-        return self._embed(USER, self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64)))
+        return self._embed("query", self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64)))
 
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
-        """L2-normalised item vectors (unknown ids raise KeyError)."""
+        """Item vectors (unknown ids raise KeyError): L2-normalised with ``propagation="sage"``; with "lightgcn"
+        their length is kept (it carries how central the item is), so scores are inner products, not cosines."""
         rows = self.graph.items.lookup(np.asarray(item_ids, dtype=np.int64))
         if self.graph.mode == "user_user" and not self._is_target[rows].all():
             raise KeyError(int(np.asarray(item_ids)[~self._is_target[rows]][0]))
-        return self._embed(self.graph.item_type, rows)
+        return self._embed("key", rows)
 
     def known_items(self) -> np.ndarray:
         """Item ids seen so far (in user–user mode: users that appeared as targets)."""
@@ -286,6 +377,7 @@ class SSMTLModel:
             "sparse_optimizer": self._optimizer.optimizers[0].state_dict(),
             "dense_optimizer": self._optimizer.optimizers[1].state_dict(),
             "version": self._version,
+            "since_refit": -1 if self._since_refit is None else self._since_refit,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -295,6 +387,8 @@ class SSMTLModel:
         for t, table in enumerate(self.encoder.tables):
             table.weight = torch.nn.Parameter(enc[f"tables.{t}.weight"].to(self.device))
             self.encoder.register_buffer(f"features_{t}", enc[f"features_{t}"].to(self.device))
+            if f"base_{t}" in enc:
+                self.encoder.set_base(t, enc[f"base_{t}"])
         self.encoder.load_state_dict(enc)
         self.tasks.load_state_dict(state["tasks"])
         self.frequency.load_state_dict(state["frequency"])
@@ -304,5 +398,7 @@ class SSMTLModel:
         self._optimizer.optimizers[0].load_state_dict(state["sparse_optimizer"])
         self._optimizer.optimizers[1].load_state_dict(state["dense_optimizer"])
         self._version = int(state["version"])
+        since = int(state.get("since_refit", -1))
+        self._since_refit = None if since < 0 else since
         self._rng = np.random.default_rng(self.seed + self._version)
         self._cache = None

@@ -77,10 +77,12 @@ def test_quality_smoke(tmp_path: Path) -> None:
     for name in DATASETS:
         res = p["results"][name]
         assert res["scored_events"] > 0
-        assert {"ebrflow TwoTower (defaults)", "river FunkMF (defaults)", "river BiasedMF (defaults)"} <= set(
+        assert {"ebrflow SSMTL — shipped default", "river FunkMF (defaults)", "river BiasedMF (defaults)"} <= set(
             res["methods"]
         )
-        assert "most popular recently (defaults)" in res["methods"]
+        assert {"most popular recently (defaults)", "item-kNN cosine (defaults)"} <= set(res["methods"])
+        roles = [m["role"] for m in res["methods"].values()]
+        assert roles.count("default") == 1 and set(roles) <= {"default", "variant", "peer"}
         for m in res["methods"].values():
             finite(m["all"]["recall"], m["all"]["ndcg"], m["learn_s"], m["score_s"])
             assert 0.0 <= m["all"]["recall"] <= 1.0

@@ -46,7 +46,7 @@ def prequential_recall(model: SSMTLModel, batch: Batch, k: int = 10) -> float:
 
 
 def test_implements_protocol_and_reports_tasks():
-    m = small(balancing="mgda")
+    m = small(balancing="mgda", tasks=("retrieval", "cca_ssg", "graphmae"))  # the default is retrieval only
     assert isinstance(m, RetrievalModel)
     report = m.fit_batch(next(community_stream(1, 256)))
     assert report.steps == 1 and m.version == 1

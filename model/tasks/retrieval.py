@@ -26,11 +26,11 @@ class RetrievalTask(Task):
     def loss(self, subgraph: Subgraph, encoder: GraphEncoder) -> torch.Tensor:
         """Weighted in-batch sampled-softmax loss."""
         xs = subgraph.inputs(encoder)
-        u = encoder.propagate(xs[0], subgraph.users.masks)[0]
-        v = encoder.propagate(xs[1], subgraph.items.masks)[0]
+        u = encoder.propagate(xs[0], subgraph.users.masks, role="query")[0]
+        v = encoder.propagate(xs[1], subgraph.items.masks, role="key")[0]
         extra, extra_log_q = None, None
         if subgraph.negatives is not None and len(subgraph.negatives):
-            extra = encoder.propagate(xs[2], subgraph.negatives.masks)[0]
+            extra = encoder.propagate(xs[2], subgraph.negatives.masks, role="key")[0]
             extra_log_q = subgraph.negative_log_q if self.logq else None
         return sampled_softmax(
             u,
