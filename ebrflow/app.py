@@ -68,6 +68,7 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
     """What a checkpoint's model must share with the configured one to be restored into it."""
     return {
         "kind": cfg.kind,
+        "graph": cfg.graph if cfg.kind == "ssmtl" else None,
         "dim": cfg.dim,
         "prior": cfg.popularity_half_life > 0,
         "options": {k: cfg.options[k] for k in sorted(cfg.options)},
