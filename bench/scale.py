@@ -69,7 +69,7 @@ def train_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         t1 = time.perf_counter()
         bu, bi = np.unique(batch.user_ids), np.unique(batch.item_ids)
         ue, ie = model.user_embeddings(bu), model.item_embeddings(bi)
-        publisher.publish(model.version, bi, ie, bu, ue, (batch.user_ids, batch.item_ids))
+        publisher.publish(publisher.prepare(model.version, bi, ie, bu, ue, (batch.user_ids, batch.item_ids)))
         t2 = time.perf_counter()
         store.flush_if_due()
         t_train, t_publish, t_flush = t_train + t1 - t0, t_publish + t2 - t1, t_flush + time.perf_counter() - t2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +9,7 @@ import numpy as np
 from indexer.milvus_store import MilvusStore
 from indexer.mirror import EmbeddingMirror
 from indexer.seen import SeenItems
-from indexer.sink import UpsertJob
+from indexer.sink import UpsertJob, write
 
 
 @dataclass
@@ -34,7 +33,7 @@ class Publisher:
 
     ``prepare`` turns a trained batch into an ``UpsertJob`` (the seen store learns the batch's interactions
     at once: they happened); the ``MilvusSink`` writes it; ``acknowledged`` then updates the mirrors, so they
-    only ever hold rows Milvus accepted. ``publish`` does all three synchronously.
+    only ever hold rows Milvus accepted. ``publish`` writes and acknowledges a prepared job synchronously.
     """
 
     def __init__(self, store: MilvusStore, seen: SeenItems | None = None) -> None:
@@ -81,20 +80,7 @@ class Publisher:
             job.upsert_seconds,
         )
 
-    def publish(
-        self,
-        version: int,
-        item_ids: np.ndarray,
-        item_vectors: np.ndarray,
-        user_ids: np.ndarray,
-        user_vectors: np.ndarray,
-        interactions: tuple[np.ndarray, np.ndarray],
-    ) -> Published:
-        """Prepare, upsert (items, then users) and acknowledge in the calling thread."""
-        job = self.prepare(version, item_ids, item_vectors, user_ids, user_vectors, interactions)
-        t0 = time.perf_counter()
-        self.store.upsert(self.store.items, item_ids, item_vectors, version)
-        t1 = time.perf_counter()
-        self.store.upsert(self.store.users, user_ids, user_vectors, version, seen=job.seen)
-        job.upsert_seconds = {"items": t1 - t0, "users": time.perf_counter() - t1}
+    def publish(self, job: UpsertJob) -> Published:
+        """Write a prepared job and acknowledge it, in the calling thread (benchmarks and tools)."""
+        write(self.store, job)
         return self.acknowledged(job)

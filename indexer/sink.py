@@ -41,6 +41,16 @@ class UpsertJob:
     acked_at: float = 0.0
 
 
+def write(store: MilvusStore, job: UpsertJob) -> None:
+    """Upsert ``job``'s items, then its users (with seen lists), recording the time of each and the ack time."""
+    t0 = time.perf_counter()
+    store.upsert(store.items, job.item_ids, job.item_vectors, job.version)
+    t1 = time.perf_counter()
+    store.upsert(store.users, job.user_ids, job.user_vectors, job.version, seen=job.seen)
+    job.upsert_seconds = {"items": t1 - t0, "users": time.perf_counter() - t1}
+    job.acked_at = time.time()
+
+
 class SinkStopped(RuntimeError):
     """The sink was stopped while a job was still failing; that job and the ones behind it were not written."""
 
@@ -141,12 +151,7 @@ class MilvusSink:
         backoff = 0.5
         while True:
             try:
-                t0 = time.perf_counter()
-                self.store.upsert(self.store.items, job.item_ids, job.item_vectors, job.version)
-                t1 = time.perf_counter()
-                self.store.upsert(self.store.users, job.user_ids, job.user_vectors, job.version, seen=job.seen)
-                job.upsert_seconds = {"items": t1 - t0, "users": time.perf_counter() - t1}
-                job.acked_at = time.time()
+                write(self.store, job)
                 if self._failing:
                     log.info("Milvus accepts upserts again")
                 self._failing = False

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from stream.kafka_io import make_producer
+from stream.schema import Event, EventCodec
+
 
 class FlakyMilvus:
     """Forwards to a real MilvusClient, but ``upsert`` raises while ``failing`` is set."""
@@ -28,6 +31,21 @@ class FlakyMilvus:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._client, name)
+
+
+def produce_interleaved(
+    bootstrap: str, topic: str, bad: list[bytes], per_bad: int, event: Callable[[int, int], Event]
+) -> int:
+    """Produce ``per_bad`` valid events (``event(i, j)``) before each bad record; returns how many valid ones."""
+    codec = EventCodec()
+    producer = make_producer(bootstrap, max_request_size=4 << 20)
+    for i, payload in enumerate(bad):
+        for j in range(per_bad):
+            producer.send(topic, key=b"k", value=codec.encode(event(i, j)))
+        producer.send(topic, key=b"k", value=payload)
+    producer.flush()
+    producer.close()
+    return len(bad) * per_bad
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> bool:

@@ -12,8 +12,8 @@ from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
-from stream.kafka_io import make_producer
-from stream.schema import REASONS, EventCodec, InvalidEvent
+from stream.schema import REASONS, Event, EventCodec, InvalidEvent
+from tests.faults import produce_interleaved
 
 NOW = 1_800_000_000_000
 VALID = {"user_id": 1, "item_id": 2, "ts": 1_700_000_000_000, "event_type": "click", "weight": 1.0}
@@ -120,17 +120,13 @@ def test_codec_rejects_every_malformed_record_with_a_known_reason(payload: bytes
 def test_trainer_survives_bad_input_and_loses_no_valid_event(settings: Settings, bad: list[bytes]) -> None:
     settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"max_event_bytes": 1024})})
     bad = bad + HAND_PICKED
-    codec = EventCodec()
-    producer = make_producer(settings.kafka.bootstrap_servers, max_request_size=1 << 20)
-    n_valid = 0
-    for i, payload in enumerate(bad):
-        for j in range(2):  # two valid events around every bad one
-            ev = {"user_id": i % 97, "item_id": (i * 7 + j) % 53, "ts": 1_700_000_000_000 + i}
-            producer.send(settings.kafka.topic, key=b"k", value=codec.encode(codec.decode(_dump(ev))))
-            n_valid += 1
-        producer.send(settings.kafka.topic, key=b"k", value=payload)
-    producer.flush()
-    producer.close()
+    n_valid = produce_interleaved(
+        settings.kafka.bootstrap_servers,
+        settings.kafka.topic,
+        bad,
+        2,  # two valid events around every bad one
+        lambda i, j: Event(user_id=i % 97, item_id=(i * 7 + j) % 53, ts=1_700_000_000_000 + i),
+    )
 
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
     try:

@@ -25,7 +25,7 @@ from stream.broker import EmbeddedBroker
 from stream.kafka_io import make_producer
 from stream.schema import Event, EventCodec
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
-from tests.faults import FlakyMilvus, milvus_lite_server, wait_for
+from tests.faults import FlakyMilvus, milvus_lite_server, produce_interleaved, wait_for
 
 
 def _send(settings: Settings, first: int, n: int) -> None:
@@ -282,17 +282,13 @@ def test_poison_records_are_dead_lettered_and_valid_ones_trained(settings: Setti
     ]
     near_limit = b'{"user_id":' + b"9" * ((1 << 20) - 200) + b"}"  # invalid, just under 1 MiB
     poison = [_depth_bomb(n) for n in (1_000, 5_000, 20_000)] + [near_limit] + nested
-    codec = EventCodec()
-    producer = make_producer(settings.kafka.bootstrap_servers, max_request_size=4 << 20)
-    valid = 0
-    for i, payload in enumerate(poison):
-        for j in range(3):
-            ev = Event(user_id=i % 50, item_id=(i + j) % 31, ts=1_700_000_000_000 + i)
-            producer.send(settings.kafka.topic, key=b"k", value=codec.encode(ev))
-            valid += 1
-        producer.send(settings.kafka.topic, key=b"k", value=payload)
-    producer.flush()
-    producer.close()
+    valid = produce_interleaved(
+        settings.kafka.bootstrap_servers,
+        settings.kafka.topic,
+        poison,
+        3,
+        lambda i, j: Event(user_id=i % 50, item_id=(i + j) % 31, ts=1_700_000_000_000 + i),
+    )
 
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
     try:
