@@ -353,6 +353,9 @@ class Pipeline:
 
     def _prepare(self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]) -> UpsertJob:
         """The model's vectors for ``items``/``users`` as a job, refusing non-finite or mis-sized ones."""
+        if not len(items) and not len(users):  # a batch of dead letters only: nothing to embed or write
+            none = np.empty((0, self.publisher.store.dim), np.float32)
+            return self.publisher.prepare(self.model.version, items, none, users, none, interactions)
         item_vecs, user_vecs = self.model.item_embeddings(items), self.model.user_embeddings(users)
         if not (np.isfinite(item_vecs).all() and np.isfinite(user_vecs).all()):
             raise DivergedModel(f"non-finite embeddings at model version {self.model.version}; not publishing")
