@@ -182,7 +182,9 @@ def build_trainer(
     )
     history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
     # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
-    drift = DriftMonitor(publisher.items, k=settings.metrics.recall_k, every=10)
+    drift = DriftMonitor(
+        publisher.items, k=settings.metrics.recall_k, every=10, prior_coordinate=settings.model.popularity_half_life > 0
+    )
     observer = MetricsObserver(metrics, evaluator, drift=drift, history=history)
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs

@@ -230,7 +230,9 @@ def query(
 
     settings = _settings(config)
     try:
-        recs = QueryClient(open_store(settings)).recommend(user, k)
+        recs = QueryClient(open_store(settings), prior_coordinate=settings.model.popularity_half_life > 0).recommend(
+            user, k
+        )
     except UnknownUser:
         console.print(f"user {user} has no published embedding yet")
         raise typer.Exit(2) from None

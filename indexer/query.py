@@ -24,8 +24,9 @@ class UnknownUser(KeyError):
 class QueryClient:
     """Reads what the trainer published: ``recommend(user, k)`` and ``similar_items(item, k)``."""
 
-    def __init__(self, store: MilvusStore) -> None:
+    def __init__(self, store: MilvusStore, prior_coordinate: bool = False) -> None:
         self.store = store
+        self.prior_coordinate = prior_coordinate  # the last coordinate is the popularity prior (model.popularity_*)
 
     def recommend(self, user_id: int, k: int = 20, exclude_seen: bool = True) -> list[Recommendation]:
         """The user's top-``k`` items by cosine, excluding items the user interacted with."""
@@ -38,11 +39,13 @@ class QueryClient:
         return [Recommendation(i, s) for i, s in hits]
 
     def similar_items(self, item_id: int, k: int = 20) -> list[Recommendation]:
-        """The ``k`` items closest to ``item_id`` (itself excluded)."""
+        """The ``k`` items closest to ``item_id`` (itself excluded), by inner product of the model's own
+        coordinates: with ``prior_coordinate`` the popularity prior takes no part in item-to-item scores."""
         rows = self.store.get(self.store.items, [int(item_id)], fields=("embedding",))
         if int(item_id) not in rows:
             raise KeyError(item_id)
-        hits = self.store.search(
-            self.store.items, np.asarray(rows[int(item_id)]["embedding"], np.float32), k, exclude=[int(item_id)]
-        )
+        query = np.array(rows[int(item_id)]["embedding"], np.float32)
+        if self.prior_coordinate:
+            query[-1] = 0.0  # pure item-to-item similarity: the candidates' popularity coordinate counts 0
+        hits = self.store.search(self.store.items, query, k, exclude=[int(item_id)])
         return [Recommendation(i, s) for i, s in hits]

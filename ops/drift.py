@@ -235,6 +235,7 @@ class DriftMonitor:
         ph_delta: float = 0.5,
         min_instances: int = 10,
         seed: int = 0,
+        prior_coordinate: bool = False,
     ) -> None:
         if reference not in ("sliding", "fixed"):
             raise ValueError(f"reference must be 'sliding' or 'fixed', not {reference!r}")
@@ -251,6 +252,7 @@ class DriftMonitor:
         self.ph_delta = ph_delta
         self.min_instances = min_instances
         self.seed = seed
+        self.prior_coordinate = prior_coordinate  # neighbours by the model's own coordinates, not popularity
         self.detectors = {
             name: SignalDetector(direction, detector, warmup, delta, threshold, ph_delta, min_instances)
             for name, direction in SIGNALS.items()
@@ -291,6 +293,9 @@ class DriftMonitor:
                 return None
             self._probes = np.sort(self._rng.choice(self.items.ids(), self.probe_size, replace=False))
         vectors, _ = self.items.get(self._probes)
+        if self.prior_coordinate:
+            vectors = vectors.copy()
+            vectors[:, -1] = 0.0  # the candidates' popularity coordinate then counts 0
         # k + 1 nearest, then drop the probe itself (or the last one if a tie pushed it out): no per-row masking
         top = self.items.topk(vectors, self.k + 1)
         other = top != self._probes[:, None]
