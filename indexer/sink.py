@@ -113,12 +113,6 @@ class MilvusSink:
                 raise SinkStopped("stopped while Milvus was failing: unacknowledged jobs were dropped")
             return out
 
-    def wait(self, timeout_s: float) -> None:
-        """Block up to ``timeout_s`` for a completion, a failure or the queue to empty."""
-        with self._cond:
-            if not self._done and self._queue and not self._aborted:
-                self._cond.wait(timeout_s)
-
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker (pending jobs are dropped: the checkpoint does not cover them)."""
         with self._cond:
