@@ -176,6 +176,7 @@ class Pipeline:
         self._exclusive = exclusive_grace_s is None
         self._joined_at = time.monotonic()
         self._held = (0, 0)  # (partitions assigned, partitions of the topic), as the loop last saw them
+        self._held_paused = False
         self._running = False
 
     def stop(self) -> None:
@@ -271,8 +272,10 @@ class Pipeline:
         """Train only while holding every partition of the topic; refuse after the grace."""
         assigned = {tp for tp in self.consumer.assignment() if tp.topic == self.topic}
         total = self.consumer.partitions_for_topic(self.topic) or set()
-        self._held = (len(assigned), len(total))
-        self.observer.on_partitions(len(assigned), len(total), self.gate.paused)
+        held = (len(assigned), len(total))
+        if (held, self.gate.paused) != (self._held, self._held_paused):  # gauges only on change: runs every loop
+            self._held, self._held_paused = held, self.gate.paused
+            self.observer.on_partitions(*held, self.gate.paused)
         if self._exclusive:
             return
         if total and len(assigned) == len(total):

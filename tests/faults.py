@@ -10,9 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream.kafka_io import make_producer
 from stream.schema import Event, EventCodec
+
+if TYPE_CHECKING:
+    from ebrflow.config import Settings
 
 
 class FlakyMilvus:
@@ -90,3 +94,22 @@ def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def send_events(settings: Settings, first: int, n: int) -> None:
+    """Produce events ``first`` … ``first + n - 1`` (300 users, 97 items), keyed by user."""
+    producer = make_producer(settings.kafka.bootstrap_servers)
+    codec = EventCodec()
+    for k in range(first, first + n):
+        producer.send(
+            settings.kafka.topic,
+            key=str(k % 300).encode(),
+            value=codec.encode(Event(user_id=k % 300, item_id=k % 97, ts=k)),
+        )
+    producer.flush()
+    producer.close()
+
+
+def trained_count(trainer) -> int:  # noqa: ANN001
+    """Events the trainer counted as trained (acknowledged by Milvus)."""
+    return int(trainer.metrics.events_trained._value.get())

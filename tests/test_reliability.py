@@ -22,23 +22,9 @@ from kafka import KafkaConsumer
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings, load_settings
 from stream.broker import EmbeddedBroker
-from stream.kafka_io import make_producer
-from stream.schema import Event, EventCodec
+from stream.schema import Event
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
-from tests.faults import FlakyMilvus, milvus_lite_server, produce_interleaved, wait_for
-
-
-def _send(settings: Settings, first: int, n: int) -> None:
-    producer = make_producer(settings.kafka.bootstrap_servers)
-    codec = EventCodec()
-    for k in range(first, first + n):
-        producer.send(
-            settings.kafka.topic,
-            key=str(k % 300).encode(),
-            value=codec.encode(Event(user_id=k % 300, item_id=k % 97, ts=k)),
-        )
-    producer.flush()
-    producer.close()
+from tests.faults import FlakyMilvus, milvus_lite_server, produce_interleaved, send_events, trained_count, wait_for
 
 
 def _intruder(settings: Settings, seconds: float) -> int:
@@ -70,10 +56,6 @@ def _probe(trainer, path: str) -> tuple[int, dict]:  # noqa: ANN001
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
     return status, json.loads(raw) if raw.startswith(b"{") else {}
-
-
-def _trained(trainer) -> int:  # noqa: ANN001
-    return int(trainer.metrics.events_trained._value.get())
 
 
 def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
@@ -122,26 +104,28 @@ def test_rebalance_during_milvus_outage_loses_nothing(settings: Settings) -> Non
     runner = threading.Thread(target=trainer.run, daemon=True)
     runner.start()
     try:
-        _send(settings, 0, 3000)
-        assert wait_for(lambda: _trained(trainer) == 3000, 90), _trained(trainer)
+        send_events(settings, 0, 3000)
+        assert wait_for(lambda: trained_count(trainer) == 3000, 90), trained_count(trainer)
         assert _probe(trainer, "/healthz")[0] == 200
         assert wait_for(lambda: _probe(trainer, "/readyz")[0] == 200, 10)
         flaky.failing.set()
-        _send(settings, 3000, 4000)
+        send_events(settings, 3000, 4000)
         time.sleep(2)
         status, body = _probe(trainer, "/readyz")
         assert status == 503 and body["checks"] == {"running": True, "partitions": True, "milvus": False}
         read_by_intruder = _intruder(settings, 10)  # joins and leaves while the trainer is paused
         assert flaky.failures >= 2 and runner.is_alive()
         flaky.failing.clear()
-        assert wait_for(lambda: _trained(trainer) >= 7000, 120), _trained(trainer)
+        assert wait_for(lambda: trained_count(trainer) >= 7000, 120), trained_count(trainer)
         time.sleep(2)
     finally:
         trainer.pipeline.stop()
         runner.join(timeout=60)
         trainer.close()
-    print(f"rebalance during Milvus outage: 7000 sent, {_trained(trainer)} trained, intruder read {read_by_intruder}")
-    assert _trained(trainer) == 7000
+    print(
+        f"rebalance during Milvus outage: 7000 sent, {trained_count(trainer)} trained, intruder read {read_by_intruder}"
+    )
+    assert trained_count(trainer) == 7000
 
 
 def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(settings: Settings) -> None:
@@ -157,10 +141,10 @@ def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(setti
     signalled: list[float] = []
 
     def outage_then_sigterm() -> None:
-        _send(settings, 0, 3000)
-        wait_for(lambda: _trained(trainer) == 3000, 90)
+        send_events(settings, 0, 3000)
+        wait_for(lambda: trained_count(trainer) == 3000, 90)
         flaky.failing.set()
-        _send(settings, 3000, 2000)
+        send_events(settings, 3000, 2000)
         wait_for(lambda: flaky.failures >= 3, 60)
         signalled.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGTERM)  # the handler Trainer.run installs in the main thread
@@ -176,7 +160,7 @@ def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(setti
     assert signalled, "the outage never started"
     exit_s = stopped_at - signalled[0]
     assert exit_s <= 10, f"took {exit_s:.1f} s to stop during the outage"
-    first_trained = _trained(trainer)
+    first_trained = trained_count(trainer)
 
     restarted = build_trainer(settings, settings.kafka.bootstrap_servers)
     try:
@@ -214,8 +198,8 @@ def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Pa
             run={"exclusive_grace_s": 8.0, "data_dir": str(other)},
         )
         try:
-            _send(settings, 0, 2000)
-            assert wait_for(lambda: _trained(incumbent) == 2000, 90)
+            send_events(settings, 0, 2000)
+            assert wait_for(lambda: trained_count(incumbent) == 2000, 90)
             rows_before = incumbent.store.count(incumbent.store.items)
             second = subprocess.run(
                 [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg)],
@@ -224,8 +208,8 @@ def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Pa
                 timeout=120,
             )
             rows_after = incumbent.store.count(incumbent.store.items)
-            _send(settings, 2000, 1000)
-            assert wait_for(lambda: _trained(incumbent) == 3000, 120), _trained(incumbent)
+            send_events(settings, 2000, 1000)
+            assert wait_for(lambda: trained_count(incumbent) == 3000, 120), trained_count(incumbent)
         finally:
             incumbent.pipeline.stop()
             runner.join(timeout=60)
@@ -234,13 +218,13 @@ def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Pa
     assert second.returncode == 75, second.stderr[-2000:]
     assert "another trainer" in second.stderr and "Traceback" not in second.stderr
     assert rows_before == rows_after == 97, "the refused trainer must not delete or write rows"
-    assert _trained(incumbent) == 3000
+    assert trained_count(incumbent) == 3000
 
 
 def test_checkpoint_of_another_model_is_one_clear_error(settings: Settings, tmp_path: Path) -> None:
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
     try:
-        _send(settings, 0, 500)
+        send_events(settings, 0, 500)
         trainer.run(max_events=500, idle_exit_s=30)
     finally:
         trainer.close()

@@ -14,8 +14,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
 from indexer.sink import MilvusSink, SinkStopped, UpsertJob
-from tests.faults import wait_for
-from tests.test_reliability import _send, _trained
+from tests.faults import send_events, trained_count, wait_for
 
 
 class FakeStore:
@@ -121,10 +120,10 @@ def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings)
             admin_view.close()
 
     try:
-        _send(settings, 0, 2000)
-        assert wait_for(lambda: _trained(trainer) == 2000, 90)
+        send_events(settings, 0, 2000)
+        assert wait_for(lambda: trained_count(trainer) == 2000, 90)
         gated.held.set()
-        _send(settings, 2000, 2000)
+        send_events(settings, 2000, 2000)
         time.sleep(4)  # the trainer keeps training up to the queue depth, then pauses
         seen_committed = committed()
         acked = {p: o for (_, p), o in trainer.pipeline.offsets.items()}
@@ -132,9 +131,9 @@ def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings)
         assert trainer.pipeline.sink.in_flight == trainer.pipeline.publish_depth
         for p, off in seen_committed.items():
             assert off <= acked.get(p, 0), f"partition {p}: committed {off} past acknowledged {acked.get(p)}"
-        assert _trained(trainer) == 2000  # nothing counts as trained before Milvus acknowledges it
+        assert trained_count(trainer) == 2000  # nothing counts as trained before Milvus acknowledges it
         gated.released.set()
-        assert wait_for(lambda: _trained(trainer) == 4000, 90), _trained(trainer)
+        assert wait_for(lambda: trained_count(trainer) == 4000, 90), trained_count(trainer)
     finally:
         gated.released.set()
         trainer.pipeline.stop()
