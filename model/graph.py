@@ -210,6 +210,7 @@ class GraphStore:
         self.buffers = [RingBuffers(capacity)] + ([RingBuffers(capacity)] if mode == "bipartite" else [])
         self.degree = np.zeros(1024, dtype=np.int64)
         self.log = EdgeLog()
+        self.column_degree = np.zeros(1024, dtype=np.int64)  # valid user-side buffer slots per neighbour row
         self.generation = 0
         self._now: int | None = None
         self._rng = np.random.default_rng(seed)
@@ -251,17 +252,34 @@ class GraphStore:
             self.degree = np.pad(self.degree, (0, max(len(self.users), 2 * len(self.degree)) - len(self.degree)))
         np.add.at(self.degree, u, 1)
         self.log.append(u, i, ts)
-        if self.mode == "bipartite":
-            self.buffers[USER].append(u, i, ts)
-            self.buffers[ITEM].append(i, u, ts)
-        elif self.symmetric:
-            self.buffers[USER].append(np.r_[u, i], np.r_[i, u], np.r_[ts, ts])
+        if self.mode == "user_user" and self.symmetric:
+            src, dst, when = np.r_[u, i], np.r_[i, u], np.r_[ts, ts]
         else:
-            self.buffers[USER].append(u, i, ts)
+            src, dst, when = u, i, ts
+        touched = np.unique(src)
+        self._count_columns(touched, -1)
+        self.buffers[USER].append(src, dst, when)
+        self._count_columns(touched, +1)
+        if self.mode == "bipartite":
+            self.buffers[ITEM].append(i, u, ts)
         if len(ts):
             self._now = int(ts.max()) if self._now is None else max(self._now, int(ts.max()))
         self.generation += 1
         return u, i
+
+    def _count_columns(self, rows: np.ndarray, sign: int) -> None:
+        """Add ``sign`` × the valid user-side buffer slots of ``rows`` to ``column_degree`` (O(rows × capacity))."""
+        have, need = len(self.column_degree), self.n_rows(self.other(USER))
+        if have < need:
+            self.column_degree = np.pad(self.column_degree, (0, max(need, 2 * have) - have))
+        rb = self.buffers[USER]
+        nbr = rb.nbr[rows][rb.valid(rows, self.cutoff())]
+        self.column_degree += sign * np.bincount(nbr, minlength=len(self.column_degree))
+
+    def _recount_columns(self) -> None:
+        """Recount ``column_degree`` over every row (after TTL expiry, eviction or a restore)."""
+        self.column_degree[:] = 0
+        self._count_columns(np.arange(self.n_rows(USER)), +1)
 
     def evict(self) -> int:
         """Clear rows idle for longer than the TTL; returns how many rows were cleared."""
@@ -274,6 +292,7 @@ class GraphStore:
             idle = np.flatnonzero((rb.count[:n] > 0) & (rb.last_ts[:n] < cutoff))
             rb.clear(idle)
             evicted += len(idle)
+        self._recount_columns()  # edges older than the cutoff stopped counting (O(graph), only with a TTL)
         if evicted:
             self.generation += 1
         return evicted
@@ -316,19 +335,23 @@ class GraphStore:
         With ``recency_half_life`` > 0 an edge's weight halves for every ``recency_half_life`` newer neighbours
         in the same user's buffer (its most recent interaction weighs 1); otherwise every weight is 1.
         """
+        return self.user_edges(np.arange(self.n_rows(USER)), recency_half_life)
+
+    def user_edges(self, rows: np.ndarray, recency_half_life: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``edges`` of user ``rows`` only: (positions in ``rows``, neighbour rows, weights), O(rows × capacity)."""
         rb = self.buffers[USER]
-        n = self.n_rows(USER)
-        valid = rb.valid(np.arange(n), self.cutoff())
+        rows = np.asarray(rows, dtype=np.int64)
+        valid = rb.valid(rows, self.cutoff())
         r, c = np.nonzero(valid)
         w = np.ones(len(r))
         if recency_half_life > 0 and len(r):
-            newness = (np.arange(rb.capacity)[None, :] - rb.count[:n, None]) % rb.capacity  # later write: larger
-            key = np.where(valid, np.maximum(rb.ts[:n], 0) * rb.capacity + newness, -1)
+            newness = (np.arange(rb.capacity)[None, :] - rb.count[rows, None]) % rb.capacity  # later write: larger
+            key = np.where(valid, np.maximum(rb.ts[rows], 0) * rb.capacity + newness, -1)
             order = np.argsort(-key, axis=1, kind="stable")
             rank = np.empty_like(order)
             np.put_along_axis(rank, order, np.broadcast_to(np.arange(rb.capacity), order.shape), axis=1)
             w = 0.5 ** (rank[r, c] / recency_half_life)
-        return r, rb.nbr[r, c], w
+        return r, rb.nbr[rows[r], c], w
 
     def interaction_matrix(self, recency_half_life: float = 0.0) -> sp.csr_matrix:
         """(users × neighbour rows) sparse matrix of ``edges`` (binary unless ``recency_half_life`` > 0)."""
@@ -387,3 +410,4 @@ class GraphStore:
         self.generation = int(state["generation"]) + 1
         if "log" in state:
             self.log.load_state_dict(state["log"])
+        self._recount_columns()

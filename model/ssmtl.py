@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.balancing import make_balancer
 from model.base import Batch, TrainReport
@@ -328,7 +329,44 @@ class SSMTLModel:
             self._cache = (key, full)
         return self._cache[1]
 
+    def bounded(self) -> bool:
+        """Whether served vectors are computed per row from their receptive field (O(rows × neighbour capacity)).
+
+        True for LightGCN propagation whose keys use layer 0 only and queries layers 0–1 (the default): a key is
+        its node's input, a query its own input and one hop over its buffered neighbours. Other layer weights
+        fall back to full-graph propagation once per model version (cost grows with the graph).
+        """
+        query, key = (self.encoder.role_layers[r] for r in ("query", "key"))
+        return (
+            self.propagation == "lightgcn"
+            and query is not None
+            and key is not None
+            and not any(query[2:])
+            and not any(key[1:])
+        )
+
+    @torch.no_grad()
+    def _embed_rows(self, role: str, rows: np.ndarray) -> torch.Tensor:
+        """Served vectors of ``rows`` computed from their receptive field alone; equal to full propagation."""
+        enc, g, dev = self.encoder, self.graph, self.device
+        weights = enc.role_layers[role]
+        idx = torch.from_numpy(rows).to(dev)
+        if role == "key":
+            key = weights[0] * enc.inputs_of(idx, g.item_type)
+            return F.normalize(key, dim=-1) if self.normalise_keys else key
+        out = weights[0] * enc.inputs_of(idx, USER) if weights[0] else torch.zeros(len(rows), self.dim, device=dev)
+        if weights[1]:
+            pos, nbr, w = g.user_edges(rows, self.recency_half_life)
+            du = np.maximum(np.bincount(pos, minlength=len(rows)), 1.0) ** -0.5
+            di = np.maximum(g.column_degree[nbr], 1.0) ** -0.5
+            coef = torch.from_numpy((du[pos] * w * di).astype(np.float32)).to(dev)
+            hop = enc.inputs_of(torch.from_numpy(nbr).to(dev), g.item_type) * coef[:, None]
+            out = out.index_add(0, torch.from_numpy(pos).to(dev), weights[1] * hop)
+        return F.normalize(out, dim=-1)
+
     def _embed(self, role: str, rows: np.ndarray) -> np.ndarray:
+        if self.bounded():
+            return self._embed_rows(role, rows).cpu().numpy().astype(np.float32)
         emb = self._all_embeddings()[role]
         return emb[torch.from_numpy(rows).to(self.device)].cpu().numpy().astype(np.float32)
 

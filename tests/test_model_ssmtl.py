@@ -178,3 +178,33 @@ def test_backfill_runs_epochs_and_respects_the_budget():
     assert len(summary.epoch_losses) == 3 and summary.epoch_losses[-1] < summary.epoch_losses[0]
     short = backfill(m, lambda: iter(batches), epochs=100, progress=False, max_seconds=0.0)
     assert short.stopped_early and short.batches == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # the default: bipartite, recency weights
+        {"graph_mode": "user_user", "symmetric": True},
+        {"graph_mode": "user_user", "symmetric": False, "recency_half_life": 0.0},
+        {"ttl_ms": 3_000, "neighbour_capacity": 4},  # expiry and overwritten buffer slots move column degrees
+        {"query_layers": (0.5, 0.5, 0.0), "normalise_keys": True},
+    ],
+)
+def test_bounded_inference_equals_full_propagation(kw):
+    m = small(**kw)
+    assert m.bounded()
+    for batch in community_stream(6, 200, seed=3):
+        if m.graph.mode == "user_user":
+            batch = Batch.of(batch.user_ids, batch.user_ids[::-1].copy(), ts_ms=batch.ts_ms)
+        m.fit_batch(batch)
+        full = m._all_embeddings()
+        users, items = np.arange(m.graph.n_rows(0)), np.arange(m.graph.n_rows(m.graph.item_type))
+        assert torch.allclose(m._embed_rows("query", users), full["query"], atol=1e-5)
+        assert torch.allclose(m._embed_rows("key", items), full["key"], atol=1e-5)
+    assert full["query"].abs().sum() > 0 and full["key"].abs().sum() > 0
+
+
+def test_deeper_served_layers_fall_back_to_full_propagation():
+    assert not small(key_layers=(0.5, 0.5, 0.0)).bounded()
+    assert not small(query_layers=(0.0, 0.0, 1.0)).bounded()
+    assert not small(propagation="sage").bounded()
