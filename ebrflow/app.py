@@ -216,7 +216,7 @@ def build_trainer(
         observer,
         checkpointer,
         audit,
-        run.refresh_every_s,
+        run.max_staleness_s,
         exclusive_grace_s=run.exclusive_grace_s or None,
     )
     built.append(pipeline)

@@ -107,7 +107,7 @@ class RunConfig(Section):
     checkpoint_every_s: float = Field(60.0, gt=0)
     checkpoint_keep: int = Field(3, ge=1)
     checkpoints: bool = True
-    refresh_every_s: float = Field(300.0, gt=0)  # re-publish every embedding this often (and at a clean stop)
+    max_staleness_s: float = Field(300.0, gt=0)  # rolling refresh: no served embedding older than this
     exclusive_grace_s: float = Field(60.0, ge=0)  # refuse to train without the whole topic after this; 0: off
     audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"

@@ -24,13 +24,14 @@ class EmbeddingMirror:
         self._rows: dict[int, int] = {}
         self._ids = np.zeros(capacity, dtype=np.int64)
         self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self._written = np.zeros(capacity, dtype=np.float64)  # when each row was last published (wall clock)
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
-    def update(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store ``vectors`` for ``ids``; returns (previous vectors, mask of ids that had one)."""
+    def update(self, ids: np.ndarray, vectors: np.ndarray, at: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Store ``vectors`` for ``ids``, written at ``at`` (wall clock); returns (previous vectors, existed mask)."""
         rows = np.empty(len(ids), dtype=np.int64)
         existed = np.zeros(len(ids), dtype=bool)
         for i, raw in enumerate(ids.tolist()):
@@ -46,11 +47,17 @@ class EmbeddingMirror:
             rows[i] = row
         previous = self._vectors[rows].copy()
         self._vectors[rows] = vectors
+        self._written[rows] = at
         return previous, existed
+
+    def oldest_write(self) -> float | None:
+        """When the least recently published row was written (None while empty)."""
+        return float(self._written[: self._n].min()) if self._n else None
 
     def _grow(self) -> None:
         cap = 2 * len(self._ids)
         self._ids = np.resize(self._ids, cap)
+        self._written = np.resize(self._written, cap)
         vectors = np.zeros((cap, self.dim), dtype=np.float32)
         vectors[: len(self._vectors)] = self._vectors
         self._vectors = vectors

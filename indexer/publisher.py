@@ -65,8 +65,8 @@ class Publisher:
 
     def acknowledged(self, job: UpsertJob) -> Published:
         """Milvus accepted ``job``: mirror its rows; returns what changed (previous vectors, for drift)."""
-        item_prev, item_existed = self.items.update(job.item_ids, job.item_vectors)
-        user_prev, user_existed = self.users.update(job.user_ids, job.user_vectors)
+        item_prev, item_existed = self.items.update(job.item_ids, job.item_vectors, job.acked_at)
+        user_prev, user_existed = self.users.update(job.user_ids, job.user_vectors, job.acked_at)
         return Published(
             job.item_ids,
             item_prev,

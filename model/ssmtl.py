@@ -98,6 +98,7 @@ class SSMTLModel:
         propagation: Literal["sage", "lightgcn"] = "lightgcn",
         spectral: bool = True,
         spectral_every: int = 256,
+        spectral_growth: float = 0.01,
         spectral_a: float = 0.0,
         spectral_b: float = 0.5,
         spectral_power: float = 1.0,
@@ -122,6 +123,7 @@ class SSMTLModel:
         self.graph = GraphStore(graph_mode, symmetric, neighbour_capacity, ttl_ms, seed)
         feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
         self.propagation, self.spectral, self.spectral_every = propagation, spectral, spectral_every
+        self.spectral_growth, self._fitted_edges = spectral_growth, 0
         self.spectral_a, self.spectral_b, self.recency_half_life = spectral_a, spectral_b, recency_half_life
         self.spectral_power, self.normalise_keys, self.residual_l2 = spectral_power, normalise_keys, residual_l2
         if propagation == "sage":
@@ -212,11 +214,14 @@ class SSMTLModel:
         return u, i
 
     def _maybe_refit(self, n_events: int) -> None:
-        """Refit the spectral layer-0 vectors once ``spectral_every`` events arrived since the last fit."""
+        """Refit the spectral layer-0 vectors once ``max(spectral_every, spectral_growth × edges at the last fit)``
+        events arrived since it: with ``spectral_growth`` > 0 a fit's O(edges) cost is spread over a number of
+        events that grows with the graph, so the cost per event stays flat as the graph grows."""
         if not self.spectral:
             return
         self._since_refit = None if self._since_refit is None else self._since_refit + n_events
-        if self._since_refit is None or self._since_refit >= self.spectral_every:
+        due = max(self.spectral_every, self.spectral_growth * self._fitted_edges)
+        if self._since_refit is None or self._since_refit >= due:
             self.refit_spectral()
 
     def refit_spectral(self) -> None:
@@ -227,8 +232,10 @@ class SSMTLModel:
         so the trained id embeddings added on top keep their meaning.
         """
         g, enc = self.graph, self.encoder
+        history = g.history_matrix()
+        self._fitted_edges = history.nnz
         rows, cols = spectral_embeddings(
-            g.history_matrix(), self.dim, self.spectral_a, self.spectral_b, seed=self.seed, power=self.spectral_power
+            history, self.dim, self.spectral_a, self.spectral_b, seed=self.seed, power=self.spectral_power
         )
         new = [rows, cols] if g.mode == "bipartite" else [cols]
         old = [enc.base(t).cpu().numpy() for t in range(g.n_types)]
@@ -416,6 +423,7 @@ class SSMTLModel:
             "dense_optimizer": self._optimizer.optimizers[1].state_dict(),
             "version": self._version,
             "since_refit": -1 if self._since_refit is None else self._since_refit,
+            "fitted_edges": self._fitted_edges,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -438,5 +446,6 @@ class SSMTLModel:
         self._version = int(state["version"])
         since = int(state.get("since_refit", -1))
         self._since_refit = None if since < 0 else since
+        self._fitted_edges = int(state.get("fitted_edges", 0))
         self._rng = np.random.default_rng(self.seed + self._version)
         self._cache = None

@@ -103,6 +103,12 @@ class PipelineMetrics:
             ["partition"],
             registry=r,
         )
+        self.staleness = Gauge(
+            "ebrflow_embedding_staleness_seconds",
+            "Age of the least recently published embedding per collection (bounded by run.max_staleness_s).",
+            ["collection"],
+            registry=r,
+        )
         self.freshness = Histogram(
             "ebrflow_freshness_seconds",
             "Event time to its item's refreshed embedding being visible in Milvus.",

@@ -89,6 +89,10 @@ class MetricsObserver:
         m.upserted.labels("users").inc(len(pub.user_ids))
         m.indexed.labels("items").set(len(self.evaluator.items))
         m.indexed.labels("users").set(len(self.evaluator.users))
+        for collection, mirror in (("items", self.evaluator.items), ("users", self.evaluator.users)):
+            oldest = mirror.oldest_write()
+            if oldest is not None:
+                m.staleness.labels(collection).set(max(result.published_at - oldest, 0.0))
         lag_s = result.published_at - result.record_ts_ms[result.record_ts_ms > 0] / 1000.0
         for value in lag_s:
             m.freshness.observe(max(value, 0.0))

@@ -22,6 +22,7 @@ from stream.batcher import MicroBatcher
 from stream.checkpointer import Checkpointer, Offsets
 from stream.kafka_io import DeadLetterWriter
 from stream.pausing import PartitionGate
+from stream.refresh import RollingRefresh
 from stream.schema import EventCodec, InvalidEvent
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Pipeline:
         observer: Observer,
         checkpointer: Checkpointer | None = None,
         audit_log: TextIO | None = None,
-        refresh_every_s: float | None = 300.0,
+        max_staleness_s: float | None = 300.0,
         lag_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
         exclusive_grace_s: float | None = 60.0,
@@ -159,8 +160,7 @@ class Pipeline:
         self.checkpointer = checkpointer
         self.audit_log = audit_log
         self.offsets: Offsets = {}
-        self.refresh_every_s = refresh_every_s
-        self._last_refresh = time.monotonic()
+        self.refresh = RollingRefresh(max_staleness_s, time.monotonic()) if max_staleness_s else None
         self.lag_interval_s = lag_interval_s
         self.max_backoff_s = max_backoff_s
         self.exclusive_grace_s = exclusive_grace_s
@@ -223,8 +223,6 @@ class Pipeline:
                 self._backpressure()
                 if self.batcher.due() and self.sink.has_room():
                     self._process()
-                    if self.refresh_every_s is not None and now - self._last_refresh >= self.refresh_every_s:
-                        self.republish_all()
                 self._report_lag(now)
                 if (
                     idle_exit_s is not None
@@ -346,7 +344,9 @@ class Pipeline:
             t1 = time.perf_counter()
             report = self.model.fit_batch(batch)
             t2 = time.perf_counter()
-            job = self._prepare(np.unique(batch.item_ids), np.unique(batch.user_ids), (batch.user_ids, batch.item_ids))
+            due = self._refresh_slice()
+            items, users = np.union1d(batch.item_ids, due["item"]), np.union1d(batch.user_ids, due["user"])
+            job = self._prepare(items, users, (batch.user_ids, batch.item_ids))
             stages.update(evaluate=t1 - t0, train=t2 - t1, embed=time.perf_counter() - t2)
         else:  # only dead letters: nothing to write, but their offsets advance in order with the rest
             job = self._prepare(empty, empty, (empty, empty))
@@ -461,14 +461,20 @@ class Pipeline:
     def republish_all(self, chunk: int = 5000) -> None:
         """Queue every known item and user at the model's current version, in chunks, to the sink.
 
-        Run after a restore, every ``refresh_every_s`` and at a clean stop: a batch publishes only the ids it
-        touched, while shared parameters (user histories, graph layers, the popularity prior) move others too.
+        Run after a restore and at a clean stop: a batch publishes only the ids it touched, while shared
+        parameters (user histories, spectral refits, the popularity prior) move others too.
         """
         empty = np.empty(0, np.int64)
         items, users = self.model.known_items(), self.model.known_users()
         for start in range(0, max(len(items), len(users)), chunk):
             self._submit(self._prepare(items[start : start + chunk], users[start : start + chunk], (empty, empty)))
-        self._last_refresh = time.monotonic()
+
+    def _refresh_slice(self) -> dict[str, np.ndarray]:
+        """The rolling refresh's next slice of known ids, written with the batch so none is older than the bound."""
+        known = {"item": self.model.known_items(), "user": self.model.known_users()}
+        if self.refresh is None:
+            return {role: ids[:0] for role, ids in known.items()}
+        return self.refresh.next_slice(known, time.monotonic())
 
     def _retrying(self, op: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it succeeds, pausing consumption meanwhile; ``stop()`` ends it with ``Stopped``."""
