@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ebrflow.config import ModelConfig, Settings
+from indexer.generations import Generations
 from indexer.milvus_store import MilvusStore, connect
 from indexer.publisher import Publisher
 from model.base import RetrievalModel
@@ -86,7 +87,8 @@ def kafka_endpoint(settings: Settings) -> Iterator[str]:
 
 
 def open_store(settings: Settings) -> MilvusStore:
-    """Connect to Milvus and make sure the collections exist and are loaded."""
+    """Connect to Milvus; the store names the served aliases (their generation is loaded for reading) until a
+    trainer picks the generation it writes. Nothing is created here: see ``indexer.generations``."""
     client = connect(settings.milvus.uri, settings.milvus.token.get_secret_value())
     store = MilvusStore(
         client,
@@ -96,7 +98,10 @@ def open_store(settings: Settings) -> MilvusStore:
         settings.milvus.seen_capacity,
         settings.milvus.flush_interval_s,
     )
-    store.ensure_collections()
+    generations = Generations(client, settings.milvus.collection_prefix)
+    served = generations.served()
+    if served is not None:
+        generations.load(served)
     return store
 
 
@@ -155,8 +160,12 @@ def build_trainer(
     bootstrap_servers: str,
     model: RetrievalModel | None = None,
     metrics: PipelineMetrics | None = None,
+    new_generation: bool = False,
 ) -> Trainer:
-    """Assemble the pipeline against ``bootstrap_servers`` (topics are created if missing)."""
+    """Assemble the pipeline against ``bootstrap_servers`` (topics are created if missing).
+
+    ``new_generation``: train a new model generation behind the served aliases even when a checkpoint exists.
+    """
     k = settings.kafka
     client_kwargs = k.client_kwargs()
     ensure_topics(bootstrap_servers, {k.topic: k.partitions, k.topic + DLQ_SUFFIX: 1}, client_kwargs)
@@ -218,6 +227,9 @@ def build_trainer(
         audit,
         run.max_staleness_s,
         exclusive_grace_s=run.exclusive_grace_s or None,
+        generations=Generations(store.client, settings.milvus.collection_prefix),
+        new_generation=new_generation,
+        generation_grace_s=settings.milvus.generation_grace_s,
     )
     built.append(pipeline)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)

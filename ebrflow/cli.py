@@ -105,13 +105,16 @@ def run(
     config: ConfigOpt = None,
     max_events: Annotated[Optional[int], typer.Option(help="Stop after this many records.")] = None,  # noqa: UP045
     idle_exit: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+    new_generation: Annotated[
+        bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
+    ] = False,
 ) -> None:  # noqa: UP045
     """Run the trainer: consume the topic, train, publish to Milvus, serve metrics, until stopped."""
     from ebrflow.app import build_trainer, kafka_endpoint
 
     settings = _settings(config)
     with kafka_endpoint(settings) as servers:
-        trainer = build_trainer(settings, servers)
+        trainer = build_trainer(settings, servers, new_generation=new_generation)
         try:
             summary = trainer.run(max_events=max_events, idle_exit_s=idle_exit)
         finally:

@@ -86,6 +86,7 @@ class MilvusConfig(Section):
     index_type: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = "FLAT"
     seen_capacity: int = Field(1024, ge=1, le=4096)
     flush_interval_s: float = Field(30.0, gt=0)
+    generation_grace_s: float = Field(600.0, ge=0)  # superseded generations' collections are dropped after this
 
 
 class MetricsConfig(Section):

@@ -32,7 +32,9 @@ def connect(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
 
 
 class MilvusStore:
-    """The ``<prefix>_items`` and ``<prefix>_users`` collections.
+    """The items and users collections: ``<prefix>_items``/``<prefix>_users`` (the aliases clients read, or plain
+    collections of that name without generations), or after ``use_generation(N)`` the physical collections
+    ``<prefix>_items_g<N>``/``<prefix>_users_g<N>`` a trainer writes (see ``indexer.generations``).
 
     Both: ``id`` INT64 primary key, ``embedding`` FLOAT_VECTOR(dim) under inner product (vectors are
     L2-normalised, so IP is cosine), ``version`` INT64 (model step), ``updated_at`` INT64 (Unix ms).
@@ -54,22 +56,37 @@ class MilvusStore:
             raise ValueError("seen_capacity must be in 1..4096 (Milvus array capacity)")
         self.client = client
         self.dim = dim
+        self.prefix = prefix
         self.items = f"{prefix}_items"
         self.users = f"{prefix}_users"
+        self.generation: int | None = None
         self.index_type = index_type
         self.seen_capacity = seen_capacity
         self.flush_interval_s = flush_interval_s
         self._last_flush = time.monotonic()
 
+    def use_generation(self, generation: int) -> None:
+        """Write and read the physical collections of ``generation`` (created and loaded if missing)."""
+        self.generation = generation
+        self.items = f"{self.prefix}_items_g{generation}"
+        self.users = f"{self.prefix}_users_g{generation}"
+        self.ensure_collections()
+
+    def dim_of(self, collection: str) -> int | None:
+        """The embedding dimension of an existing collection (or alias), None if it does not exist."""
+        if not self.client.has_collection(collection):
+            return None
+        desc = self.client.describe_collection(collection)
+        dims = [f["params"].get("dim") for f in desc["fields"] if f["name"] == "embedding"]
+        return int(dims[0]) if dims else None
+
     def ensure_collections(self) -> None:
         """Create missing collections (checking the dimension of existing ones) and load them."""
         for name, with_seen in ((self.items, False), (self.users, True)):
-            if self.client.has_collection(name):
-                desc = self.client.describe_collection(name)
-                dims = [f["params"].get("dim") for f in desc["fields"] if f["name"] == "embedding"]
-                if dims and int(dims[0]) != self.dim:
-                    raise ValueError(f"collection {name} has dim {dims[0]}, model has {self.dim}")
-            else:
+            existing = self.dim_of(name)
+            if existing is not None and existing != self.dim:
+                raise ValueError(f"collection {name} has dim {existing}, model has {self.dim}")
+            if existing is None:
                 self.client.create_collection(name, schema=self._schema(with_seen), index_params=self._index())
                 log.info("created Milvus collection %s (dim %d, %s)", name, self.dim, self.index_type)
             self.client.load_collection(name)

@@ -177,6 +177,12 @@ class PipelineMetrics:
             "ebrflow_consumption_paused", "1 while consumption is paused (backpressure or waiting for the topic).",
             registry=r,
         )
+        self.generation = Gauge(
+            "ebrflow_generation",
+            "Milvus model generation clients read (role=served, 0: none yet) and the one this trainer writes.",
+            ["role"],
+            registry=r,
+        )
         self.trainer_refused = Counter(
             "ebrflow_trainer_refused", "Starts refused because another trainer holds part of the topic.", registry=r
         )

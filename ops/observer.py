@@ -168,6 +168,11 @@ class MetricsObserver:
         """Another trainer holds part of the topic: this one stops."""
         self.metrics.trainer_refused.inc()
 
+    def on_generation(self, served: int | None, writing: int) -> None:
+        """Record the served and the written Milvus generation (0: none served yet)."""
+        self.metrics.generation.labels("served").set(served or 0)
+        self.metrics.generation.labels("writing").set(writing)
+
     def on_error(self, op: str, exc: BaseException) -> None:
         """Count a retried failure; log once per failure streak."""
         if op == "publish":

@@ -55,13 +55,15 @@ class Restored:
 
     ``source == "run"``: ``offsets`` name every partition the run had trained; any other partition had no
     trained record and resumes at its beginning. ``source == "backfill"``: no offsets; partitions resume at
-    the group's committed offsets.
+    the group's committed offsets. ``generation``: the Milvus generation the run published (None: unknown,
+    a backfill or an older checkpoint).
     """
 
     path: Path
     offsets: Offsets
     source: Source
     version: int
+    generation: int | None = None
 
 
 class Checkpointer:
@@ -88,6 +90,7 @@ class Checkpointer:
         self.every_batches = every_batches
         self.every_s = every_s
         self.fingerprint = fingerprint or {}
+        self.generation: int | None = None  # the Milvus generation this run writes (saved with every checkpoint)
         self._batches = 0
         self._last = time.monotonic()
 
@@ -118,6 +121,7 @@ class Checkpointer:
                 "saved_at": time.time(),
                 "fingerprint": self.fingerprint,
                 "source": source,
+                "generation": self.generation,
             }
         )
         self._batches, self._last = 0, time.monotonic()
@@ -150,7 +154,13 @@ class Checkpointer:
                 self.model.load_state_dict(initial[0])
                 self.seen.load_state_dict(initial[1])
                 continue
-            restored = Restored(path, _unpack_offsets(state["offsets"]), state.get("source", "run"), self.model.version)
+            restored = Restored(
+                path,
+                _unpack_offsets(state["offsets"]),
+                state.get("source", "run"),
+                self.model.version,
+                state.get("generation"),
+            )
             log.info(
                 "restored checkpoint %s (%s) at model version %d; resuming at offsets %s",
                 path.name,

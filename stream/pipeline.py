@@ -15,11 +15,12 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
+from indexer.generations import Generations
 from indexer.publisher import Published, Publisher
 from indexer.sink import MilvusSink, SinkStopped, UpsertJob
 from model.base import Batch, RetrievalModel, TrainReport
 from stream.batcher import MicroBatcher
-from stream.checkpointer import Checkpointer, Offsets
+from stream.checkpointer import Checkpointer, Offsets, Restored
 from stream.kafka_io import DeadLetterWriter
 from stream.pausing import PartitionGate
 from stream.refresh import RollingRefresh
@@ -68,6 +69,9 @@ class Observer(Protocol):
 
     def on_refused(self) -> None:
         """This trainer found another in its group and stops."""
+
+    def on_generation(self, served: int | None, writing: int) -> None:
+        """The Milvus generation clients read (None: none yet) and the one this trainer writes."""
 
 
 @dataclass
@@ -148,6 +152,9 @@ class Pipeline:
         max_backoff_s: float = 30.0,
         exclusive_grace_s: float | None = 60.0,
         publish_depth: int = 2,
+        generations: Generations | None = None,
+        new_generation: bool = False,
+        generation_grace_s: float = 600.0,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -165,6 +172,12 @@ class Pipeline:
         self.max_backoff_s = max_backoff_s
         self.exclusive_grace_s = exclusive_grace_s
         self.publish_depth = publish_depth
+        self.generations = generations
+        self.new_generation = new_generation
+        self.generation_grace_s = generation_grace_s
+        self._restored: Restored | None = None
+        self._switch_targets: dict[TopicPartition, int] | None = None  # end offsets a new generation must reach
+        self._drop_at: float | None = None  # when superseded generations are dropped
         self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
         self.summary = RunSummary()
@@ -220,6 +233,7 @@ class Pipeline:
                     last_record = now
                 self._check_exclusive(now)
                 self._collect()
+                self._maybe_switch(now)
                 self._backpressure()
                 if self.batcher.due() and self.sink.has_room():
                     self._process()
@@ -238,6 +252,7 @@ class Pipeline:
                 self.republish_all()
                 self._drain()
                 self._save(force=True)
+            self._maybe_switch(time.monotonic())
         except Stopped as exc:
             log.warning("stopped during a retry (%s): nothing after the last commit was committed", exc)
         finally:
@@ -250,14 +265,17 @@ class Pipeline:
         """Load the checkpoint and position partitions from it (Milvus is synced once the topic is ours)."""
         if self.checkpointer is None:
             return  # no state to restore: partitions resume at the group's committed offsets
-        restored = self.checkpointer.restore()
+        restored = self._restored = self.checkpointer.restore()
         self.gate.start_offsets = dict(restored.offsets) if restored else {}
         self.gate.from_beginning = restored is None or restored.source == "run"
         if restored is not None:
             self.offsets.update(restored.offsets)
 
     def _sync_milvus(self) -> None:
-        """Make Milvus equal the restored model: delete rows of a lost, newer run; re-publish every embedding."""
+        """Pick the generation to write, then make it equal the restored model: delete rows of a lost, newer run;
+        re-publish every embedding."""
+        if self.generations is not None:
+            self._retrying("publish", self._choose_generation)
         if self.checkpointer is None:
             return
         version = self.model.version
@@ -265,6 +283,61 @@ class Pipeline:
         if removed:
             log.warning("deleted %d Milvus rows newer than the restored model (version %d)", removed, version)
         self.republish_all()
+
+    def _choose_generation(self) -> None:
+        """Write the restored run's generation, or a new one when the served model is not this one.
+
+        A new generation (no usable run checkpoint while one is served, a backfill, ``new_generation``) is
+        filled while clients keep reading the served one; it is switched in once this trainer has caught up with
+        the end offsets seen now (``_maybe_switch``). The very first generation is served at once.
+        """
+        gens, restored = self.generations, self._restored
+        served, existing, legacy = gens.served(), gens.existing(), gens.legacy()
+        continuing = restored is not None and restored.source == "run" and restored.generation is not None
+        if continuing and not self.new_generation:
+            writing = restored.generation
+        elif self.checkpointer is None and served is not None and not self.new_generation:
+            writing = served  # no state of its own to protect clients from: keep writing what is served
+        elif served is None and not existing and not legacy:
+            writing = 1
+        else:
+            writing = max([*existing, served or 0]) + 1
+        self.publisher.store.use_generation(writing)
+        if self.checkpointer is not None:
+            self.checkpointer.generation = writing
+        if served is None and not legacy:
+            gens.switch(writing)
+            served = writing
+        if served != writing:
+            if served is not None:
+                gens.load(served)  # clients keep reading it meanwhile
+            known = sorted(self.consumer.partitions_for_topic(self.topic) or [])
+            parts = [TopicPartition(self.topic, p) for p in known]
+            ends = self.consumer.end_offsets(parts) if parts else {}
+            self._switch_targets = {tp: int(end) for tp, end in ends.items()}
+            log.info("writing generation %d; generation %s is served until this trainer catches up", writing, served)
+        if any(g < writing and g != served for g in existing):
+            self._drop_at = time.monotonic() + self.generation_grace_s
+        self.observer.on_generation(served, writing)
+
+    def _maybe_switch(self, now: float) -> None:
+        """Serve the generation being written once it caught up; drop superseded generations after the grace."""
+        gens = self.generations
+        if gens is None:
+            return
+        if self._switch_targets is not None and all(
+            self.offsets.get((tp.topic, tp.partition), 0) >= end for tp, end in self._switch_targets.items()
+        ):
+            self._drain()
+            store = self.publisher.store
+            self._retrying("publish", lambda: store.flush_if_due(force=True))
+            self._retrying("publish", lambda: gens.switch(store.generation))
+            self._switch_targets = None
+            self._drop_at = now + self.generation_grace_s
+            self.observer.on_generation(store.generation, store.generation)
+        if self._drop_at is not None and now >= self._drop_at:
+            self._retrying("publish", lambda: gens.drop_older(self.publisher.store.generation))
+            self._drop_at = None
 
     def _check_exclusive(self, now: float) -> None:
         """Train only while holding every partition of the topic; refuse after the grace."""

@@ -21,6 +21,7 @@ from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings, load_settings
+from indexer.generations import Generations
 from stream.broker import EmbeddedBroker
 from stream.schema import Event
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
@@ -75,10 +76,13 @@ def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
 
     settings = load_settings(cfg)
     trainer = build_trainer(settings, broker.bootstrap_servers)
+    gens = Generations(trainer.store.client, settings.milvus.collection_prefix)
     try:
-        dead_rows = trainer.store.count(trainer.store.items) + trainer.store.count(trainer.store.users)
+        assert gens.served() == 1  # the dead run's model: clients keep reading it until the restart caught up
+        gens.load(1)
+        dead_rows = trainer.store.count(gens.alias("items")) + trainer.store.count(gens.alias("users"))
         assert dead_rows > 0
-        with caplog.at_level(logging.WARNING, logger="stream.pipeline"):
+        with caplog.at_level(logging.INFO, logger="stream.pipeline"):
             summary = trainer.run(idle_exit_s=10)
         items = trainer.model.known_items()
         rows = trainer.store.get(trainer.store.items, items.tolist())
@@ -88,10 +92,13 @@ def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
             atol=1e-5,
         )
         assert trainer.store.count(trainer.store.items) == len(items)
+        # the restart wrote generation 2 and switched the aliases to it once it had caught up
+        assert trainer.store.generation == 2 and gens.served() == 2
+        assert trainer.store.count(gens.alias("items")) == len(items)
     finally:
         trainer.close()
-    # no checkpoint → the restored model is empty (version 0): every row of the dead run was deleted first
-    assert f"deleted {dead_rows} Milvus rows newer than the restored model (version 0)" in caplog.text
+    # no checkpoint → the restored model is empty: it fills a new generation behind the dead run's
+    assert "writing generation 2; generation 1 is served until this trainer catches up" in caplog.text
     print(f"kill before first checkpoint: {sum(produced.values())} sent, restart trained {summary.trained}")
     assert summary.trained == sum(produced.values()), "the restart must re-train every event from the beginning"
     counts = coverage(audit, topic)
