@@ -569,8 +569,8 @@ def previous_results(path: Path, smoke: bool) -> tuple[dict[str, Any], dict[str,
     if bool(prev.get("smoke")) != smoke:
         return {}, {}
     results = dict(prev.get("results") or {})
-    provenance = results.pop("provenance", {})
-    for sweep in results:
+    provenance = {k: v for k, v in results.pop("provenance", {}).items() if k in SWEEPS}
+    for sweep in set(results) & set(SWEEPS):
         provenance.setdefault(
             sweep,
             {

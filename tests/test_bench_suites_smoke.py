@@ -140,6 +140,7 @@ def test_scale_smoke(tmp_path: Path) -> None:
     q = load(tmp_path, "scale")
     assert q["results"]["train"] == p["results"]["train"] and q["results"]["upsert"] == p["results"]["upsert"]
     assert q["results"]["provenance"]["train"]["started_utc"] == p["started_utc"] != q["started_utc"]
+    assert set(q["results"]["provenance"]) == {"graph", "train", "upsert"}
     assert len(q["tables"]) == 3
 
 
