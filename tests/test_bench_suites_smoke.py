@@ -132,6 +132,16 @@ def test_scale_smoke(tmp_path: Path) -> None:
     for size in p["results"]["upsert"].values():
         finite(size["upsert_1000_existing_s"]["median"], size["search_top20_s"]["median"])
     assert all(math.isfinite(x) for x in numbers(p["results"]))
+    (graph,) = p["results"]["graph"]
+    finite(graph["total_us_per_event"], graph["steady_us_per_event"], graph["refit_s"], graph["peak_rss_mib"])
+    assert graph["live_nodes"] > 0 and graph["edges"] > 0 and graph["window_events"] == p["settings"]["graph_events"]
+    # a partial run re-measures only its sweep and keeps the others from the existing scale.json
+    assert scale.main(["--smoke", "--sweeps", "graph", "--out", str(tmp_path)]) == 0
+    q = load(tmp_path, "scale")
+    assert q["results"]["train"] == p["results"]["train"] and q["results"]["upsert"] == p["results"]["upsert"]
+    assert q["results"]["provenance"]["train"]["started_utc"] == p["started_utc"] != q["started_utc"]
+    assert set(q["results"]["provenance"]) == {"graph", "train", "upsert"}
+    assert len(q["tables"]) == 3
 
 
 def test_report_collects_results(tmp_path: Path) -> None:
