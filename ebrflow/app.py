@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from ebrflow.config import ModelConfig, Settings
 from indexer.generations import Generations
@@ -44,6 +45,7 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
     """
     torch.set_num_threads(cfg.threads)
+    threadpool_limits(cfg.threads)  # BLAS too (spectral refits): oversubscribed BLAS threads cost up to 8x here
     prior = cfg.popularity_half_life > 0
     common = dict(
         dim=cfg.dim - 1 if prior else cfg.dim,
