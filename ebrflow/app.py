@@ -30,6 +30,7 @@ from ops.prequential import PrequentialEvaluator
 from stream.batcher import MicroBatcher
 from stream.broker import EmbeddedBroker
 from stream.checkpointer import Checkpointer
+from stream.guard import RecallGuard
 from stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from stream.pipeline import Pipeline, RunSummary
 from stream.schema import EventCodec
@@ -215,6 +216,8 @@ def build_trainer(
             run.checkpoint_every_s,
             fingerprint=model_fingerprint(settings.model),
         )
+    g = settings.guard
+    guard = RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events) if g.enabled else None
     audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
     pipeline = Pipeline(
         consumer,
@@ -232,6 +235,8 @@ def build_trainer(
         generations=Generations(store.client, settings.milvus.collection_prefix),
         new_generation=new_generation,
         generation_grace_s=settings.milvus.generation_grace_s,
+        guard=guard,
+        snapshot_every=settings.guard.snapshot_every,
     )
     built.append(pipeline)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)

@@ -114,6 +114,20 @@ class RunConfig(Section):
     log_level: str = "INFO"
 
 
+class GuardConfig(Section):
+    """The recall guard (``stream.guard``): hold Milvus writes, or roll the model back, while prequential
+    Recall@K stays below ``1 - margin`` of its recent baseline."""
+
+    enabled: bool = False
+    mode: Literal["hold", "rollback"] = "hold"
+    margin: float = Field(0.5, gt=0, lt=1)  # relative drop below the baseline that counts as bad
+    window: int = Field(10, ge=1)  # batches in the rolling recall
+    baseline: int = Field(100, ge=2)  # healthy batches in the baseline
+    patience: int = Field(3, ge=1)  # bad (or, while holding, recovered) batches in a row before acting
+    min_events: int = Field(50, ge=1)  # evaluated events the rolling window needs before it counts
+    snapshot_every: int = Field(20, ge=1)  # rollback mode: batches between snapshots of a healthy model
+
+
 class DemoConfig(Section):
     """The built-in synthetic stream used by ``ebrflow demo``."""
 
@@ -136,6 +150,7 @@ class Settings(BaseSettings):
     milvus: MilvusConfig = MilvusConfig()
     metrics: MetricsConfig = MetricsConfig()
     run: RunConfig = RunConfig()
+    guard: GuardConfig = GuardConfig()
     demo: DemoConfig = DemoConfig()
 
     @classmethod

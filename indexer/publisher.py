@@ -26,6 +26,7 @@ class Published:
     user_vectors: np.ndarray
     version: int
     upsert_seconds: dict[str, float] = field(default_factory=dict)
+    held: bool = False  # the recall guard held the write: Milvus kept its rows, only the mirrors changed
 
 
 class Publisher:
@@ -78,6 +79,7 @@ class Publisher:
             job.user_vectors,
             job.version,
             job.upsert_seconds,
+            job.hold,
         )
 
     def publish(self, job: UpsertJob) -> Published:

@@ -39,10 +39,16 @@ class UpsertJob:
     context: Any = None
     upsert_seconds: dict[str, float] = field(default_factory=dict)
     acked_at: float = 0.0
+    hold: bool = False  # the recall guard holds Milvus writes: acknowledge without writing
 
 
 def write(store: MilvusStore, job: UpsertJob) -> None:
-    """Upsert ``job``'s items, then its users (with seen lists), recording the time of each and the ack time."""
+    """Upsert ``job``'s items, then its users (with seen lists), recording the time of each and the ack time.
+
+    A held job (``hold``) is acknowledged without writing: clients keep the embeddings Milvus already has."""
+    if job.hold:
+        job.acked_at = time.time()
+        return
     t0 = time.perf_counter()
     store.upsert(store.items, job.item_ids, job.item_vectors, job.version)
     t1 = time.perf_counter()

@@ -177,6 +177,17 @@ class PipelineMetrics:
             "ebrflow_consumption_paused", "1 while consumption is paused (backpressure or waiting for the topic).",
             registry=r,
         )
+        self.guard_holding = Gauge(
+            "ebrflow_guard_holding",
+            "1 while the recall guard holds Milvus writes (clients keep the last good embeddings).",
+            registry=r,
+        )
+        self.guard_actions = Counter(
+            "ebrflow_guard_actions",
+            "Recall guard actions: hold, rollback, resume.",
+            ["action"],
+            registry=r,
+        )
         self.generation = Gauge(
             "ebrflow_generation",
             "Milvus model generation clients read (role=served, 0: none yet) and the one this trainer writes.",

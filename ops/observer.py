@@ -48,7 +48,7 @@ class MetricsObserver:
         self.metrics.dlq_events.inc()
         log.debug("dead-lettered record: %s (%s)", reason, detail)
 
-    def before_train(self, batch: Batch) -> None:
+    def before_train(self, batch: Batch) -> tuple[int, int]:
         """Score the batch against what is served before the model learns from it."""
         t0 = time.perf_counter()
         ev = self._last = self.evaluator.evaluate(batch)
@@ -60,6 +60,7 @@ class MetricsObserver:
             if score.recall is not None:
                 self.metrics.preq_recall.labels(seg).set(score.recall)
         self.metrics.stage_duration.labels("evaluate").observe(time.perf_counter() - t0)
+        return ev.all.hits, ev.all.n
 
     def after_batch(self, result: BatchResult) -> None:
         """Record throughput, loss, publish and freshness figures, drift and a history line."""
@@ -82,11 +83,12 @@ class MetricsObserver:
         for task, value in rep.task_weights.items():
             m.task_weight.labels(task).set(value)
         m.model_version.set(pub.version)
-        m.last_publish.set(result.published_at)
-        for collection, secs in pub.upsert_seconds.items():
-            m.upsert_duration.labels(collection).observe(secs)
-        m.upserted.labels("items").inc(len(pub.item_ids))
-        m.upserted.labels("users").inc(len(pub.user_ids))
+        if not pub.held:  # a held batch wrote nothing to Milvus
+            m.last_publish.set(result.published_at)
+            for collection, secs in pub.upsert_seconds.items():
+                m.upsert_duration.labels(collection).observe(secs)
+            m.upserted.labels("items").inc(len(pub.item_ids))
+            m.upserted.labels("users").inc(len(pub.user_ids))
         m.indexed.labels("items").set(len(self.evaluator.items))
         m.indexed.labels("users").set(len(self.evaluator.users))
         for collection, mirror in (("items", self.evaluator.items), ("users", self.evaluator.users)):
@@ -94,7 +96,7 @@ class MetricsObserver:
             if oldest is not None:
                 m.staleness.labels(collection).set(max(result.published_at - oldest, 0.0))
         lag_s = result.published_at - result.record_ts_ms[result.record_ts_ms > 0] / 1000.0
-        for value in lag_s:
+        for value in lag_s if not pub.held else ():
             m.freshness.observe(max(value, 0.0))
         item_shift = cosine_shift(pub.item_previous, pub.item_vectors, pub.item_existed)
         for value in item_shift:
@@ -167,6 +169,11 @@ class MetricsObserver:
     def on_refused(self) -> None:
         """Another trainer holds part of the topic: this one stops."""
         self.metrics.trainer_refused.inc()
+
+    def on_guard(self, action: str, holding: bool) -> None:
+        """Count a guard action and show whether Milvus writes are held."""
+        self.metrics.guard_actions.labels(action).inc()
+        self.metrics.guard_holding.set(1 if holding else 0)
 
     def on_generation(self, served: int | None, writing: int) -> None:
         """Record the served and the written Milvus generation (0: none served yet)."""

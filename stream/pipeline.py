@@ -3,6 +3,7 @@ thread, overlapping the next batch) → checkpoint → commit."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from indexer.sink import MilvusSink, SinkStopped, UpsertJob
 from model.base import Batch, RetrievalModel, TrainReport
 from stream.batcher import MicroBatcher
 from stream.checkpointer import Checkpointer, Offsets, Restored
+from stream.guard import RecallGuard
 from stream.kafka_io import DeadLetterWriter
 from stream.pausing import PartitionGate
 from stream.refresh import RollingRefresh
@@ -52,8 +54,8 @@ class Observer(Protocol):
     def on_invalid(self, reason: str, detail: str) -> None:
         """A record was rejected and dead-lettered."""
 
-    def before_train(self, batch: Batch) -> None:
-        """Test-then-train: called with the batch before the model sees it."""
+    def before_train(self, batch: Batch) -> tuple[int, int] | None:
+        """Test-then-train: called with the batch before the model sees it; returns (hits, evaluated) if scored."""
 
     def after_batch(self, result: BatchResult) -> None:
         """The batch is trained, published and committed."""
@@ -72,6 +74,9 @@ class Observer(Protocol):
 
     def on_generation(self, served: int | None, writing: int) -> None:
         """The Milvus generation clients read (None: none yet) and the one this trainer writes."""
+
+    def on_guard(self, action: str, holding: bool) -> None:
+        """The recall guard acted ("hold", "rollback", "resume"); ``holding``: Milvus writes are held."""
 
 
 @dataclass
@@ -155,6 +160,8 @@ class Pipeline:
         generations: Generations | None = None,
         new_generation: bool = False,
         generation_grace_s: float = 600.0,
+        guard: RecallGuard | None = None,
+        snapshot_every: int = 20,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -178,6 +185,10 @@ class Pipeline:
         self._restored: Restored | None = None
         self._switch_targets: dict[TopicPartition, int] | None = None  # end offsets a new generation must reach
         self._drop_at: float | None = None  # when superseded generations are dropped
+        self.guard = guard
+        self.snapshot_every = snapshot_every
+        self._snapshot: dict | None = None  # the model before a batch it scored healthily on (for rollbacks)
+        self._since_snapshot = 0
         self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
         self.summary = RunSummary()
@@ -412,8 +423,10 @@ class Pipeline:
         report = TrainReport(loss=float("nan"), steps=0)
         empty = np.empty(0, np.int64)
         t0 = time.perf_counter()
+        action = None
         if len(batch):
-            self.observer.before_train(batch)
+            score = self.observer.before_train(batch)
+            action = self._guard(score)
             t1 = time.perf_counter()
             report = self.model.fit_batch(batch)
             t2 = time.perf_counter()
@@ -426,6 +439,27 @@ class Pipeline:
         self._retrying("dlq", lambda: self.dlq.flush(timeout_s=5.0))  # letters are durable before any commit
         job.context = _Pending(batch, record_ts, report, offsets, ranges, stages, invalid)
         self._submit(job)
+        if action in ("resume", "rollback"):
+            self.republish_all()  # Milvus equals the model again (after a hold, or at the restored weights)
+
+    def _guard(self, score: tuple[int, int] | None) -> str | None:
+        """Feed the batch's prequential score to the guard; snapshot or roll back the model as it says."""
+        if self.guard is None or score is None:
+            return None
+        action = self.guard.observe(*score)
+        if action is None and self.guard.mode == "rollback" and not self.guard.holding:
+            self._since_snapshot += 1
+            if self._snapshot is None or self._since_snapshot >= self.snapshot_every:
+                self._snapshot = copy.deepcopy(self.model.state_dict())  # it just scored healthily: a good state
+                self._since_snapshot = 0
+        if action == "rollback" and self._snapshot is not None:
+            self.model.load_state_dict(copy.deepcopy(self._snapshot))
+            log.warning("recall guard: rolled the model back to its last healthy snapshot (v%d)", self.model.version)
+        elif action is not None:
+            log.warning("recall guard: %s", "holding Milvus writes" if action == "hold" else "publishing again")
+        if action is not None:
+            self.observer.on_guard(action, self.guard.holding)
+        return action
 
     def _prepare(self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]) -> UpsertJob:
         """The model's vectors for ``items``/``users`` as a job, refusing non-finite or mis-sized ones."""
@@ -438,7 +472,9 @@ class Pipeline:
         dim = self.publisher.store.dim
         if (len(items) and item_vecs.shape[1] != dim) or (len(users) and user_vecs.shape[1] != dim):
             raise ValueError(f"the model makes {item_vecs.shape[1]}-d vectors; the Milvus collections hold {dim}-d")
-        return self.publisher.prepare(self.model.version, items, item_vecs, users, user_vecs, interactions)
+        job = self.publisher.prepare(self.model.version, items, item_vecs, users, user_vecs, interactions)
+        job.hold = self.guard is not None and self.guard.holding
+        return job
 
     def _submit(self, job: UpsertJob) -> None:
         """Hand ``job`` to the sink, waiting (consumption paused, membership kept) while it is full."""

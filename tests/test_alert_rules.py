@@ -27,7 +27,7 @@ CATALOGUE = ROOT / "docs" / "metrics.md"
 
 EXPECTED_ALERTS = {
     "RecallDropped", "DriftDetected", "ConsumerLagGrowing", "NoPublish", "DLQRateHigh", "TrainerDown",
-    "NonFiniteSteps",
+    "NonFiniteSteps", "PublishingHeld",
 }  # fmt: skip
 SEVERITIES = {"critical", "warning", "info"}
 # Series Prometheus itself attaches to every scrape target.

@@ -1,0 +1,92 @@
+"""Recall guard: stop serving a model whose prequential recall fell well below its recent baseline.
+
+A continually trained model can get worse while it runs (a poisoned or shifted stretch of the stream, a bad
+learning rate, a bug). The guard watches Recall@K measured test-then-train on every batch: when the rolling
+recall of the last ``window`` batches stays below ``(1 - margin)`` × the baseline (recall over the last
+``baseline`` healthy batches) for ``patience`` batches in a row, it either **holds** (keep training, stop writing
+to Milvus: clients keep the last good embeddings) or asks for a **rollback** (restore the last healthy snapshot
+of the model and re-publish it). A hold ends once the rolling recall is back above ``(1 - margin / 2)`` × the
+baseline for ``patience`` batches (the baseline is frozen meanwhile).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+Action = Literal["hold", "rollback", "resume"]
+
+
+class RecallGuard:
+    """The guard's state machine, fed one batch's (hits, evaluated) at a time.
+
+    >>> g = RecallGuard(margin=0.5, window=2, baseline=10, patience=2, min_events=10)
+    >>> [g.observe(3, 10) for _ in range(6)]  # arms after 2 windows of healthy batches
+    [None, None, None, None, None, None]
+    >>> [g.observe(0, 10) for _ in range(3)], g.holding  # bad once the window is all bad, twice in a row
+    ([None, None, 'hold'], True)
+    >>> [g.observe(3, 10) for _ in range(3)], g.holding
+    ([None, None, 'resume'], False)
+    """
+
+    def __init__(
+        self,
+        mode: Literal["hold", "rollback"] = "hold",
+        margin: float = 0.5,
+        window: int = 10,
+        baseline: int = 100,
+        patience: int = 3,
+        min_events: int = 50,
+    ) -> None:
+        if not 0 < margin < 1:
+            raise ValueError("margin must be in (0, 1)")
+        self.mode = mode
+        self.margin = margin
+        self.patience = patience
+        self.min_events = min_events
+        self.holding = False
+        self._recent: deque[tuple[int, int]] = deque(maxlen=window)
+        self._baseline: deque[tuple[int, int]] = deque(maxlen=baseline)
+        self._streak = 0
+
+    @staticmethod
+    def _rate(scores: deque[tuple[int, int]]) -> float | None:
+        n = sum(s[1] for s in scores)
+        return sum(s[0] for s in scores) / n if n else None
+
+    def baseline(self) -> float | None:
+        """Recall over the recent healthy batches (None until armed)."""
+        armed = len(self._baseline) >= 2 * (self._recent.maxlen or 1)
+        return self._rate(self._baseline) if armed else None
+
+    def rolling(self) -> float | None:
+        """Recall over the last ``window`` batches (None with too few evaluated events)."""
+        if sum(s[1] for s in self._recent) < self.min_events:
+            return None
+        return self._rate(self._recent)
+
+    def observe(self, hits: int, evaluated: int) -> Action | None:
+        """Account one batch's prequential score; returns what the trainer must do now, if anything."""
+        self._recent.append((hits, evaluated))
+        rolling, base = self.rolling(), self.baseline()
+        if self.holding:
+            recovered = rolling is not None and base is not None and rolling >= (1 - self.margin / 2) * base
+            self._streak = self._streak + 1 if recovered else 0
+            if self._streak >= self.patience:
+                self.holding, self._streak = False, 0
+                return "resume"
+            return None
+        bad = rolling is not None and base is not None and rolling < (1 - self.margin) * base
+        if not bad:
+            self._streak = 0
+            self._baseline.append((hits, evaluated))
+            return None
+        self._streak += 1
+        if self._streak < self.patience:
+            return None
+        self._streak = 0
+        if self.mode == "hold":
+            self.holding = True
+            return "hold"
+        self._recent.clear()  # the restored model is judged afresh
+        return "rollback"

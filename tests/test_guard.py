@@ -1,0 +1,111 @@
+"""The recall guard on the real broker and Milvus Lite: a planted poison stretch, hold and rollback, a control run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ebrflow.app import build_trainer
+from ebrflow.config import Settings
+from stream.generator import EventArrays, SyntheticStream
+from stream.kafka_io import make_producer
+from stream.replay import events_from_arrays
+from stream.schema import EventCodec
+
+CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
+GUARD = {"enabled": True, "margin": 0.5, "window": 4, "baseline": 30, "patience": 2, "min_events": 40}
+
+
+def stream(poison: bool) -> tuple[EventArrays, EventArrays]:
+    """(events to produce, clean probe events). With ``poison`` the middle phase's items are random."""
+    gen = SyntheticStream(users=400, items=200, communities=5, seed=3)
+    total = (CLEAN_BEFORE + POISON + CLEAN_AFTER) * BATCH
+    events = next(gen.chunks(total, chunk=total))
+    probe = next(gen.chunks(3000, chunk=3000))
+    if poison:
+        lo, hi = CLEAN_BEFORE * BATCH, (CLEAN_BEFORE + POISON) * BATCH
+        rng = np.random.default_rng(0)
+        events.item_ids[lo:hi] = rng.choice(np.unique(events.item_ids), hi - lo)
+    return events, probe
+
+
+def served_recall(trainer, probe: EventArrays, k: int = 20) -> float:  # noqa: ANN001
+    """Recall@k on the probe events of the embeddings Milvus serves now (known users and items only)."""
+    def table(collection: str) -> dict[int, np.ndarray]:
+        rows = trainer.store.client.query(collection, filter="id >= 0", output_fields=["embedding"], limit=16384)
+        return {int(r["id"]): np.asarray(r["embedding"], np.float32) for r in rows}
+
+    users, items = table(trainer.store.users), table(trainer.store.items)
+    ids = np.array(sorted(items))
+    matrix = np.stack([items[i] for i in ids])
+    keep = [j for j, (u, i) in enumerate(zip(probe.user_ids, probe.item_ids)) if int(u) in users and int(i) in items]
+    queries = np.stack([users[int(probe.user_ids[j])] for j in keep])
+    top = ids[np.argsort(-(queries @ matrix.T), axis=1)[:, :k]]
+    return float(np.mean([probe.item_ids[j] in top[r] for r, j in enumerate(keep)]))
+
+
+def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
+    """Produce the stream, train it to the end, and record served recall and guard actions on the way."""
+    events, probe = stream(poison)
+    update = {"guard": settings.guard.model_copy(update=guard)} if guard else {}
+    update["batch"] = settings.batch.model_copy(update={"max_events": BATCH, "max_wait_ms": 2000})
+    settings = settings.model_copy(update=update)
+    producer, codec = make_producer(settings.kafka.bootstrap_servers), EventCodec()
+    for ev in events_from_arrays([events]):
+        producer.send(settings.kafka.topic, key=b"0", value=codec.encode(ev))  # one partition: batches in order
+    producer.flush()
+    producer.close()
+    trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
+    out: dict = {"actions": [], "recall": {}, "max_version_at_resume": None}
+    observer, batches = trainer.pipeline.observer, [0]
+    after_batch, on_guard = observer.after_batch, observer.on_guard
+
+    def counting(result) -> None:  # noqa: ANN001
+        after_batch(result)
+        batches[0] += 1
+        if batches[0] in (CLEAN_BEFORE, CLEAN_BEFORE + POISON):
+            out["recall"][batches[0]] = served_recall(trainer, probe)
+
+    def guarding(action: str, holding: bool) -> None:
+        on_guard(action, holding)
+        out["actions"].append((batches[0], action))
+        if action == "hold":
+            out["version_at_hold"] = trainer.model.version
+        if action == "resume":  # called before the resumed batch is published: Milvus still holds the old rows
+            rows = [
+                r["version"]
+                for c in (trainer.store.items, trainer.store.users)
+                for r in trainer.store.client.query(c, filter="id >= 0", output_fields=["version"], limit=16384)
+            ]
+            out["max_version_at_resume"] = max(rows)
+
+    observer.after_batch, observer.on_guard = counting, guarding
+    try:
+        summary = trainer.run(max_events=len(events), idle_exit_s=30)
+    finally:
+        trainer.close()
+    assert summary.trained == len(events)
+    out["holding_at_end"] = trainer.metrics.guard_holding._value.get()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["hold", "rollback"])
+def test_guard_keeps_serving_the_last_good_model_through_a_poisoned_stretch(settings: Settings, mode: str) -> None:
+    guarded = run(settings, poison=True, guard={**GUARD, "mode": mode})
+    print(f"guard {mode}: actions {guarded['actions']}, served probe recall {guarded['recall']}")
+    before, during = guarded["recall"][CLEAN_BEFORE], guarded["recall"][CLEAN_BEFORE + POISON]
+    assert during >= 0.9 * before, guarded
+    fired = [a for b, a in guarded["actions"]]
+    assert fired and fired[0] == mode, guarded["actions"]
+    assert all(CLEAN_BEFORE <= b for b, _ in guarded["actions"]), "nothing fired before the poison"
+    if mode == "hold":
+        assert "resume" in fired and guarded["holding_at_end"] == 0, "publishing resumed after the poison"
+        assert guarded["max_version_at_resume"] <= guarded["version_at_hold"], "Milvus rows changed during the hold"
+
+
+def test_guard_stays_quiet_on_a_clean_stream_and_poison_hurts_without_it(settings: Settings) -> None:
+    control = run(settings, poison=False, guard={**GUARD, "mode": "hold"})
+    assert control["actions"] == [], control["actions"]
+    unguarded = run(settings, poison=True, guard=None)
+    before, during = unguarded["recall"][CLEAN_BEFORE], unguarded["recall"][CLEAN_BEFORE + POISON]
+    print(f"no guard: served probe recall {before:.3f} before the poison, {during:.3f} at its end")
