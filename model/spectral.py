@@ -9,9 +9,14 @@ rank-``k`` item-kNN with cosine similarity, servable by inner product. Refitting
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import svds
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, svds
+
+log = logging.getLogger(__name__)
+DENSE_LIMIT = 4_000_000  # entries: below this a failed ARPACK run falls back to an exact dense SVD
 
 
 def normalised(matrix: sp.csr_matrix, a: float, b: float) -> sp.csr_matrix:
@@ -33,7 +38,15 @@ def truncated_svd(matrix: sp.spmatrix, k: int, seed: int = 0) -> tuple[np.ndarra
     if kk < 1 or matrix.nnz == 0:
         return np.zeros((n, k)), np.zeros(k), np.zeros((m, k))
     rng = np.random.default_rng(seed)
-    u, s, vt = svds(matrix.astype(np.float64), k=kk, v0=rng.standard_normal(min(n, m)))
+    try:
+        u, s, vt = svds(matrix.astype(np.float64), k=kk, v0=rng.standard_normal(min(n, m)))
+    except (ArpackError, ArpackNoConvergence) as exc:  # e.g. "no shifts could be applied" on small matrices
+        if n * m > DENSE_LIMIT:
+            log.warning("ARPACK failed (%s): block iteration from a random start instead", exc)
+            return warm_svd(matrix, k, np.zeros((0, k)), iters=6, seed=seed)
+        log.warning("ARPACK failed (%s): dense SVD of the %d×%d matrix instead", exc, n, m)
+        u, s, vt = np.linalg.svd(matrix.toarray(), full_matrices=False)
+        u, s, vt = u[:, :kk], s[:kk], vt[:kk]
     order = np.argsort(-s)
     u, s, v = u[:, order], s[order], vt[order].T
     pad = k - kk

@@ -9,6 +9,7 @@ items' vectors, so it is useful from its first event.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
@@ -25,6 +26,8 @@ from model.spectral import procrustes, spectral_embeddings
 from model.tables import regrow_optimizer_state
 from model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
 from model.two_tower import finite_step, pick_device
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = {"retrieval": 1.0, "cca_ssg": 0.05, "graphmae": 0.1, "infonce": 0.1}
 
@@ -228,7 +231,11 @@ class SSMTLModel:
         self._since_refit = None if self._since_refit is None else self._since_refit + n_events
         due = max(self.spectral_every, self.spectral_growth * self._fitted_edges)
         if self._since_refit is None or self._since_refit >= due:
-            self.refit_spectral()
+            try:
+                self.refit_spectral()
+            except Exception:  # noqa: BLE001 - a failed fit must not stop the stream: keep the last one
+                log.exception("spectral refit failed; keeping the previous spectral vectors until the next one")
+                self._since_refit = 0
 
     def refit_spectral(self) -> None:
         """Spectral embeddings of the live graph as every node's fixed layer-0 vector, aligned to the last fit.

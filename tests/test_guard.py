@@ -13,6 +13,7 @@ from stream.replay import events_from_arrays
 from stream.schema import EventCodec
 
 CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
+CURVE = (10, CLEAN_BEFORE, CLEAN_BEFORE + POISON // 2, CLEAN_BEFORE + POISON, CLEAN_BEFORE + POISON + 15)
 GUARD = {"enabled": True, "margin": 0.5, "window": 4, "baseline": 30, "patience": 2, "min_events": 40}
 
 
@@ -44,6 +45,17 @@ def served_recall(trainer, probe: EventArrays, k: int = 20) -> float:  # noqa: A
     return float(np.mean([probe.item_ids[j] in top[r] for r, j in enumerate(keep)]))
 
 
+def max_served_version(trainer) -> int:  # noqa: ANN001
+    """The newest model version among the rows Milvus holds."""
+    store = trainer.store
+    rows = [
+        r["version"]
+        for c in (store.items, store.users)
+        for r in store.client.query(c, filter="id >= 0", output_fields=["version"], limit=16384)
+    ]
+    return max(rows)
+
+
 def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
     """Produce the stream, train it to the end, and record served recall and guard actions on the way."""
     events, probe = stream(poison)
@@ -56,15 +68,16 @@ def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
     producer.flush()
     producer.close()
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
-    out: dict = {"actions": [], "recall": {}, "max_version_at_resume": None}
+    out: dict = {"actions": [], "recall": {}, "versions": {}, "max_version_at_resume": None}
     observer, batches = trainer.pipeline.observer, [0]
     after_batch, on_guard = observer.after_batch, observer.on_guard
 
     def counting(result) -> None:  # noqa: ANN001
         after_batch(result)
         batches[0] += 1
-        if batches[0] in (CLEAN_BEFORE, CLEAN_BEFORE + POISON):
+        if batches[0] in CURVE:
             out["recall"][batches[0]] = served_recall(trainer, probe)
+            out["versions"][batches[0]] = max_served_version(trainer)
 
     def guarding(action: str, holding: bool) -> None:
         on_guard(action, holding)
@@ -72,12 +85,7 @@ def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
         if action == "hold":
             out["version_at_hold"] = trainer.model.version
         if action == "resume":  # called before the resumed batch is published: Milvus still holds the old rows
-            rows = [
-                r["version"]
-                for c in (trainer.store.items, trainer.store.users)
-                for r in trainer.store.client.query(c, filter="id >= 0", output_fields=["version"], limit=16384)
-            ]
-            out["max_version_at_resume"] = max(rows)
+            out["max_version_at_resume"] = max_served_version(trainer)
 
     observer.after_batch, observer.on_guard = counting, guarding
     try:
@@ -98,14 +106,16 @@ def test_guard_keeps_serving_the_last_good_model_through_a_poisoned_stretch(sett
     fired = [a for b, a in guarded["actions"]]
     assert fired and fired[0] == mode, guarded["actions"]
     assert all(CLEAN_BEFORE <= b for b, _ in guarded["actions"]), "nothing fired before the poison"
+    print(f"guard {mode}: served probe recall by batch {guarded['recall']}")
     if mode == "hold":
         assert "resume" in fired and guarded["holding_at_end"] == 0, "publishing resumed after the poison"
         assert guarded["max_version_at_resume"] <= guarded["version_at_hold"], "Milvus rows changed during the hold"
 
 
-def test_guard_stays_quiet_on_a_clean_stream_and_poison_hurts_without_it(settings: Settings) -> None:
+def test_guard_stays_quiet_on_a_clean_stream_and_milvus_follows_the_poison_without_it(settings: Settings) -> None:
     control = run(settings, poison=False, guard={**GUARD, "mode": "hold"})
     assert control["actions"] == [], control["actions"]
     unguarded = run(settings, poison=True, guard=None)
-    before, during = unguarded["recall"][CLEAN_BEFORE], unguarded["recall"][CLEAN_BEFORE + POISON]
-    print(f"no guard: served probe recall {before:.3f} before the poison, {during:.3f} at its end")
+    print(f"no guard: served probe recall by batch {unguarded['recall']}")
+    start, end = CLEAN_BEFORE, CLEAN_BEFORE + POISON
+    assert unguarded["versions"][end] > unguarded["versions"][start], "without a guard the poisoned model is served"

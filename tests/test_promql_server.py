@@ -164,7 +164,7 @@ def test_alert_rules_evaluate_cleanly_on_live_series(prom: PrometheusServer) -> 
             break
         assert time.monotonic() < deadline, f"rules not evaluated in time: {rules}"
         time.sleep(0.2)
-    assert len(rules) == 7
+    assert len(rules) == 8
     for name, rule in rules.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
     # Every counter ticks at the same rate, so 100% of consumed records are "dead-lettered" (pending: for 5m),
