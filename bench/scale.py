@@ -6,12 +6,16 @@ configuration runs in its own subprocess (``--worker JSON``) so that its peak RS
 /proc/self/status) is its own.
 
 The model is the app's default (``ebrflow.app.build_model(ModelConfig(device="cpu"))``: SSMTL with bounded
-inference and growth-spaced spectral refits, wrapped by the served popularity prior).
+inference and growth-spaced spectral refits, wrapped by the served popularity prior); the graph sweep also runs
+each ``--model-options`` variant (SSMTLModel keyword arguments; by default the app's default and the warm-started
+refit ``{"spectral_iters": 1}``), interleaved per size, its rows labelled by ``variant``.
 
 - graph configs (the issue-12 target): the live graph pre-populated to N nodes (users = items = N/2,
-  ``--events-per-node`` × N synthetic events ingested without training), one ``refit_spectral`` timed on its
-  own, then ``--graph-events`` further events in the pipeline's steps (fit_batch, the batch's distinct user and
-  item embeddings, Publisher.publish into Milvus Lite); the refit is amortised over its growth-based interval;
+  ``--events-per-node`` × N synthetic events ingested without training), a first ``refit_spectral`` untimed
+  (ARPACK from scratch: a warm refit needs a previous fit), the refit interval's events ingested, the second
+  ``refit_spectral`` timed on its own (warm-started where ``spectral_iters`` > 0), then ``--graph-events``
+  further events in the pipeline's steps (fit_batch, the batch's distinct user and item embeddings,
+  Publisher.publish into Milvus Lite); the refit is amortised over its growth-based interval;
 - train configs: a fixed number of synthetic events (``--events`` per config) from a catalogue of each size (so
   a bigger catalogue touches more ids, not a bigger graph) and each batch size, train → publish without Kafka;
 - upsert configs: one collection grown to each size (in 10k-row upserts, then flushed), then 1,000-row
@@ -115,13 +119,19 @@ def _profile_text(profile: cProfile.Profile, sort: str, top: int) -> str:
 
 
 def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Pre-populate the default model's graph to ``cfg['nodes']`` nodes, time one spectral refit, then the pipeline.
+    """Pre-populate the app model's graph to ``cfg['nodes']`` nodes, time one spectral refit, then the pipeline.
 
-    The first ``events_per_node × nodes`` events are only ingested (``SSMTLModel.ingest``: graph, tables, item
-    frequencies; no training, no prior counts); one ``refit_spectral`` is timed alone; then ``cfg['window']``
-    events go through fit_batch → user/item embeddings of the batch's distinct ids → Publisher.publish (+ the
-    periodic flush) in batches of ``cfg['batch']``. Refits the window triggers itself are timed apart and left
-    out of the steady train cost. With ``cfg['profile']`` one more batch runs under cProfile afterwards.
+    The model is ``build_model`` with ``cfg['model_options']`` (SSMTLModel keyword arguments, e.g.
+    ``spectral_iters``; none = the app's default). The first ``events_per_node × nodes`` events are only
+    ingested (``SSMTLModel.ingest``: graph, tables, item frequencies; no training, no prior counts); a first
+    ``refit_spectral`` of that graph runs untimed (ARPACK from scratch, as the model has no fit yet: it primes a
+    warm-started variant); then the refit interval's events (``max(spectral_every, spectral_growth × edges)``,
+    what the pipeline sees between two refits) are ingested the same way and the second ``refit_spectral`` is
+    timed alone, warm-started from the first fit's item vectors when ``spectral_iters`` > 0, ARPACK again
+    otherwise. Then ``cfg['window']`` events go through fit_batch → user/item embeddings of the batch's distinct
+    ids → Publisher.publish (+ the periodic flush) in batches of ``cfg['batch']``. Refits the window triggers
+    itself are timed apart and left out of the steady train cost. With ``cfg['profile']`` one more batch runs
+    under cProfile afterwards.
     """
     import torch
 
@@ -135,9 +145,12 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     torch.set_num_threads(cfg["torch_threads"])
     n_nodes, batch_size, chunk = cfg["nodes"], cfg["batch"], 20_000
     prefill = int(math.ceil(cfg["events_per_node"] * n_nodes / chunk)) * chunk
-    tail = cfg["window"] + (batch_size if cfg.get("profile") else 0)
-    model = build_model(ModelConfig(device="cpu", threads=cfg["torch_threads"]))
+    options = dict(cfg.get("model_options") or {})
+    model = build_model(ModelConfig(device="cpu", threads=cfg["torch_threads"], options=options))
     inner = model.model  # PopularityPrior → SSMTLModel
+    # the interval between the priming and the timed refit is at most this (edges ≤ prefill events)
+    slack = max(inner.spectral_every, int(math.ceil(inner.spectral_growth * prefill)))
+    tail = slack + cfg["window"] + (batch_size if cfg.get("profile") else 0)
     t0 = time.perf_counter()
     gen = SyntheticStream(users=n_nodes // 2, items=n_nodes - n_nodes // 2, seed=7)
     rest = []
@@ -150,9 +163,15 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     users = np.concatenate([c.user_ids for c in rest])
     items = np.concatenate([c.item_ids for c in rest])
     ts = np.concatenate([c.ts_ms for c in rest])
+    t0 = time.perf_counter()
+    inner.refit_spectral()  # untimed: the first fit (ARPACK from scratch), which a warm refit starts from
+    prime_s, prime_edges = time.perf_counter() - t0, int(inner._fitted_edges)
+    interval = int(math.ceil(max(inner.spectral_every, inner.spectral_growth * prime_edges)))
+    inner.ingest(Batch.of(users[:interval], items[:interval], ts_ms=ts[:interval]))
+    users, items, ts = users[interval:], items[interval:], ts[interval:]
     live_users, live_items = inner.graph.n_rows(0), inner.graph.n_rows(inner.graph.item_type)
     t0 = time.perf_counter()
-    inner.refit_spectral()
+    inner.refit_spectral()  # timed: warm-started from the first fit iff spectral_iters > 0
     refit_s, edges = time.perf_counter() - t0, int(inner._fitted_edges)
 
     refits: list[float] = []
@@ -209,6 +228,10 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         "live_items": live_items,
         "prefill_events": prefill,
         "prefill_s": prefill_s,
+        "prime_refit_s": prime_s,
+        "prime_edges": prime_edges,
+        "interval_events": interval,
+        "spectral_iters": int(inner.spectral_iters),
         "edges": edges,
         "refit_s": refit_s,
         "refit_due_events": due,
@@ -326,12 +349,28 @@ def train_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"kind": "train", "events": args.events, "torch_threads": args.torch_threads, **c} for c in cfgs]
 
 
+def variant_label(options: dict[str, Any]) -> str:
+    """A graph-sweep row's model variant from its SSMTLModel options: ``default`` for none.
+
+    >>> variant_label({}), variant_label({"spectral_iters": 1}), variant_label({"dim": 32})
+    ('default', 'warm refit (spectral_iters=1)', 'dim=32')
+    """
+    if not options:
+        return "default"
+    text = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"warm refit ({text})" if set(options) == {"spectral_iters"} and options["spectral_iters"] > 0 else text
+
+
 def graph_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One graph-size config per ``--nodes`` value; the largest also profiles one batch."""
+    """One graph-size config per ``--nodes`` value and ``--model-options`` variant, the variants interleaved per
+    size (so a drift in machine load hits every variant alike); the largest graph also profiles one batch (each
+    variant)."""
     return [
         {
             "kind": "graph",
             "nodes": n,
+            "variant": variant_label(options),
+            "model_options": options,
             "events_per_node": args.events_per_node,
             "window": args.graph_events,
             "batch": args.default_batch,
@@ -339,7 +378,24 @@ def graph_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "profile": n == max(args.nodes) and not args.smoke,
         }
         for n in args.nodes
+        for options in args.model_options
     ]
+
+
+def graph_variants(graph: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The graph rows per variant label, each sorted by live nodes (rows of runs before variants: ``default``)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in graph:
+        out.setdefault(r.get("variant", "default"), []).append(r)
+    return {k: sorted(v, key=lambda r: r["live_nodes"]) for k, v in out.items()}
+
+
+def model_options_arg(text: str) -> dict[str, Any]:
+    """Parse one ``--model-options`` value: a JSON object of SSMTLModel keyword arguments."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text}")
+    return value
 
 
 Series = dict[str, tuple[list[float], list[float]]]
@@ -353,14 +409,12 @@ def scale_plot(path: Path, results: dict[str, Any], default_batch: int) -> Path:
         return {k.split("_us")[0]: ([r[x] for r in rows], [r[k] for r in rows]) for k in keys}
 
     panels = []
-    if results.get("graph"):
-        graph = sorted(results["graph"], key=lambda r: r["live_nodes"])
+    for variant, graph in graph_variants(results.get("graph") or []).items():
         keys = ("train_us_per_event", "publish_us_per_event", "refit_us_per_event", "total_us_per_event")
         series = costs(graph, "live_nodes", keys)
         series["embed"] = ([r["live_nodes"] for r in graph], [r["embed_us_per_event"] for r in graph])
-        panels.append(
-            (f"per event vs live graph (batch {default_batch})", "live nodes (users + items)", "µs per event", series)
-        )
+        title = f"per event vs live graph, {variant} (batch {default_batch})"
+        panels.append((title, "live nodes (users + items)", "µs per event", series))
     if results.get("train"):
         train = results["train"]
         keys = ("train_us_per_event", "publish_us_per_event", "total_us_per_event")
@@ -403,7 +457,9 @@ def provenance_note(sweep: str, run: Run, provenance: dict[str, Any]) -> str:
 
 
 def graph_flatness(graph: list[dict[str, Any]]) -> dict[str, tuple[float, float]] | None:
-    """(smallest graph's, largest graph's) value of the total and its parts, or None with fewer than two rows."""
+    """(smallest graph's, largest graph's) value of the total and its parts, or None with fewer than two rows.
+
+    ``graph`` holds the rows of one variant."""
     rows = sorted(graph, key=lambda r: r["live_nodes"])
     if len(rows) < 2:
         return None
@@ -414,19 +470,21 @@ def graph_flatness(graph: list[dict[str, Any]]) -> dict[str, tuple[float, float]
 
 
 def graph_report(run: Run, graph: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
-    """The graph-size table (the issue-12 target): steady costs, the refit and its amortised share, memory."""
-    cols = ["N (users = items = N/2)", "live nodes", "edges at refit", "rows embedded + upserted / event"]
+    """The graph-size table (the issue-12 target), one row per size and model variant: steady costs, the timed
+    refit and its amortised share, memory; a flatness note per variant and a warm-vs-default note."""
+    cols = ["N (users = items = N/2)", "variant", "live nodes", "edges at refit", "rows embedded + upserted / event"]
     cols += ["train µs/event (refits excluded)"]
-    cols += ["embed µs/event", "publish µs/event", "steady µs/event", "refit s", "refit µs/edge"]
-    cols += ["refit every (events)"]
+    cols += ["embed µs/event", "publish µs/event", "steady µs/event", "first refit s (untimed, ARPACK)"]
+    cols += ["refit s", "refit µs/edge", "refit every (events)"]
     cols += ["refit µs/event amortised", "total µs/event", "window refits: n, µs/event"]
     cols += ["RSS before training MiB", "peak RSS MiB"]
     rows = []
-    for r in graph:
+    for r in sorted(graph, key=lambda r: r["nodes"]):
         at_batch = r["steady_us_per_event"] + r["refit_us_per_event_at_batch"]
         rows.append(
             [
                 r["nodes"],
+                r.get("variant", "default"),
                 r["live_nodes"],
                 r["edges"],
                 r["rows_per_event"],
@@ -434,6 +492,7 @@ def graph_report(run: Run, graph: list[dict[str, Any]], provenance: dict[str, An
                 r["embed_us_per_event"],
                 r["publish_us_per_event"],
                 r["steady_us_per_event"],
+                r.get("prime_refit_s", "–"),
                 r["refit_s"],
                 r["refit_s"] / max(r["edges"], 1) * 1e6,
                 f"{fmt(int(math.ceil(r['refit_due_events'])))} ({fmt(r['refit_every_events'])})",
@@ -446,44 +505,65 @@ def graph_report(run: Run, graph: list[dict[str, Any]], provenance: dict[str, An
         )
     first = graph[0]
     note = (
-        f"One subprocess per row. The graph is pre-populated with {first['events_per_node']:g} synthetic events "
-        "per catalogue node, ingested without training (SSMTLModel.ingest; Zipf popularity leaves part of the "
-        "catalogue untouched, hence live nodes < N); one refit_spectral of that graph is timed alone (refit s, "
-        f"edges = distinct live edges it factorised); then {first['window']:,} further events run in batches of "
-        f"{first['batch']:,}: fit_batch (train), the batch's distinct user and item embeddings (embed), "
-        "Publisher.publish into an empty Milvus Lite collection plus the periodic flush (publish). Refits the "
-        "window triggers itself are timed apart and excluded from train/steady; their measured count and cost "
-        "per window event are the 'window refits' column (a cross-check). Refit every = max(256, 0.01 × edges) "
-        "events (in brackets: rounded up to whole batches, since the check runs once per batch); amortised = "
-        "refit s / that interval (bracketed: per the batch-rounded interval); total = steady + amortised "
-        "(bracketed: with the batch-rounded interval, what the pipeline pays at this batch size). Peak RSS is "
-        "VmHWM of the worker (prefill generator, graph history, tables, Milvus Lite client)."
+        f"One subprocess per row; the variants run interleaved per size. Variant = the SSMTLModel options "
+        "(--model-options) on top of the app's default model: 'default' refits with ARPACK (svds) from scratch, "
+        "'warm refit (spectral_iters=1)' with one block subspace iteration started from the last fit's item "
+        f"vectors (model.spectral.warm_svd). The graph is pre-populated with {first['events_per_node']:g} synthetic "
+        "events per catalogue node, ingested without training (SSMTLModel.ingest; Zipf popularity leaves part of "
+        "the catalogue untouched, hence live nodes < N); a first refit_spectral of it runs untimed (ARPACK from "
+        "scratch in every variant, since there is no previous fit: 'first refit s'); then the refit interval's "
+        "events (max(256, 0.01 × that fit's edges), what the pipeline sees between two refits) are ingested the "
+        "same way and the second refit_spectral is timed alone (refit s: the warm variant's is a warm start from "
+        "the first fit, the default's ARPACK again; edges = distinct live edges it factorised); then "
+        f"{first['window']:,} further events run in batches of {first['batch']:,}: fit_batch (train), the batch's "
+        "distinct user and item embeddings (embed), Publisher.publish into an empty Milvus Lite collection plus "
+        "the periodic flush (publish). Refits the window triggers itself are timed apart and excluded from "
+        "train/steady; their measured count and cost per window event are the 'window refits' column (a "
+        "cross-check). Refit every = max(256, 0.01 × edges) events (in brackets: rounded up to whole batches, "
+        "since the check runs once per batch); amortised = refit s / that interval (bracketed: per the "
+        "batch-rounded interval); total = steady + amortised (bracketed: with the batch-rounded interval, what the "
+        "pipeline pays at this batch size). Peak RSS is VmHWM of the worker (prefill generator, graph history, "
+        "tables, Milvus Lite client)."
     )
-    flat = graph_flatness(graph)
     run.payload["tables"].append(
         table(
             "Cost per event vs live graph size: the default SSMTL model (bounded inference, growth-spaced spectral "
-            "refits) + popularity prior + Milvus Lite",
+            "refits) and its warm-refit variant + popularity prior + Milvus Lite",
             cols,
             rows,
             note + provenance_note("graph", run, provenance),
         )
     )
-    if flat:
+    variants = graph_variants(graph)
+    for variant, vrows in variants.items():
+        flat = graph_flatness(vrows)
+        if not flat:
+            continue
 
-        def change(key: str) -> str:
+        def change(key: str, flat: dict[str, tuple[float, float]] = flat) -> str:
             a, b = flat[key]
             return f"{fmt(a)} → {fmt(b)} (×{b / a:.2f})"
 
         a, b = flat["total_us_per_event"]
         verdict = "within" if abs(b / a - 1) <= 0.2 else "outside"
         run.payload["notes"].append(
-            f"Graph sweep, smallest → largest graph: total µs/event {change('total_us_per_event')}, {verdict} the "
-            f"±20% target of issue 12. Parts: steady {change('steady_us_per_event')} (train alone "
+            f"Graph sweep, {variant}, smallest → largest graph: total µs/event {change('total_us_per_event')}, "
+            f"{verdict} the ±20% target of issue 12. Parts: steady {change('steady_us_per_event')} (train alone "
             f"{change('train_us_per_event')}), amortised refit {change('refit_us_per_event')}; with the interval at "
             f"1% of the edges the amortised refit is 100 × the refit's cost per edge, {change('refit_us_per_edge')} "
             "µs, so it is flat only if the SVD is linear in the edges."
         )
+    default = {r["nodes"]: r for r in variants.get("default", [])}
+    for variant, vrows in variants.items():
+        pairs = [(default[r["nodes"]], r) for r in vrows if variant != "default" and r["nodes"] in default]
+        if pairs:
+            parts = [
+                f"N = {fmt(d['nodes'])}: refit {fmt(d['refit_s'])} → {fmt(w['refit_s'])} s "
+                f"(×{w['refit_s'] / d['refit_s']:.2f}), total {fmt(d['total_us_per_event'])} → "
+                f"{fmt(w['total_us_per_event'])} µs/event"
+                for d, w in pairs
+            ]
+            run.payload["notes"].append(f"Graph sweep, default → {variant} at the same size: " + "; ".join(parts) + ".")
 
 
 def train_report(run: Run, train: list[dict[str, Any]], events: int, provenance: dict[str, Any]) -> None:
@@ -600,6 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="graph sweep N")
     parser.add_argument("--events-per-node", type=float, default=10.0, help="graph sweep: prefill events per node")
     parser.add_argument("--graph-events", type=int, default=20_000, help="graph sweep: timed events per config")
+    parser.add_argument(
+        "--model-options",
+        type=model_options_arg,
+        nargs="+",
+        default=[{}, {"spectral_iters": 1}],
+        help="graph sweep: one JSON object of SSMTLModel options per model variant ({} = the app's default)",
+    )
     parser.add_argument("--events", type=int, default=100_000, help="events per train config")
     parser.add_argument("--catalogues", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
@@ -636,7 +723,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[scale] graph {cfg}", flush=True)
             results["graph"].append({**cfg, **sub(cfg)})
             r = results["graph"][-1]
-            print(f"[scale] {r['live_nodes']:,} live nodes: total {r['total_us_per_event']:.0f} µs/event", flush=True)
+            print(
+                f"[scale] {r['live_nodes']:,} live nodes, {r['variant']}: refit {r['refit_s']:.2f} s, "
+                f"total {r['total_us_per_event']:.0f} µs/event",
+                flush=True,
+            )
         provenance["graph"] = here
     if "train" in args.sweeps:
         results["train"] = []
@@ -650,12 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         upsert.pop("process_wall_s", None)
         results["upsert"] = upsert
         provenance["upsert"] = here
-    profiles = {
-        k: r.pop(k)
-        for r in results.get("graph", [])
-        for k in list(r)
-        if k.startswith("profile_") and isinstance(r[k], str)
-    }
+    profiles: dict[str, dict[str, Any]] = {}  # per variant: the largest graph's profiled batch
+    for r in results.get("graph", []):
+        for k in [k for k in r if k.startswith("profile_") and isinstance(r[k], str)]:
+            profiles.setdefault(r.get("variant", "default"), {})[k] = r.pop(k)
     run.payload["results"] = {**results, "provenance": provenance}
     if profiles:
         run.payload["results"]["graph_profile"] = profiles
@@ -690,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if profiles:
             notes.append(
                 f"cProfile of one extra {args.default_batch}-event batch at the largest graph (after the window): "
-                "results.graph_profile in scale.json."
+                "results.graph_profile in scale.json (per variant)."
             )
     if results.get("train") or results.get("upsert"):
         notes += [

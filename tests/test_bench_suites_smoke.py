@@ -132,9 +132,14 @@ def test_scale_smoke(tmp_path: Path) -> None:
     for size in p["results"]["upsert"].values():
         finite(size["upsert_1000_existing_s"]["median"], size["search_top20_s"]["median"])
     assert all(math.isfinite(x) for x in numbers(p["results"]))
-    (graph,) = p["results"]["graph"]
-    finite(graph["total_us_per_event"], graph["steady_us_per_event"], graph["refit_s"], graph["peak_rss_mib"])
-    assert graph["live_nodes"] > 0 and graph["edges"] > 0 and graph["window_events"] == p["settings"]["graph_events"]
+    # one row per model variant (default and warm refit), same graph; the warm one's timed refit follows a first fit
+    default, warm = p["results"]["graph"]
+    assert (default["variant"], default["spectral_iters"]) == ("default", 0)
+    assert warm["model_options"] == {"spectral_iters": 1} and warm["spectral_iters"] == 1
+    assert warm["prime_edges"] == default["prime_edges"] < warm["edges"] == default["edges"]
+    for graph in (default, warm):
+        finite(graph["total_us_per_event"], graph["steady_us_per_event"], graph["refit_s"], graph["peak_rss_mib"])
+        assert graph["live_nodes"] > 0 and graph["window_events"] == p["settings"]["graph_events"]
     # a partial run re-measures only its sweep and keeps the others from the existing scale.json
     assert scale.main(["--smoke", "--sweeps", "graph", "--out", str(tmp_path)]) == 0
     q = load(tmp_path, "scale")
