@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ from stream.checkpointer import Checkpointer
 from stream.guard import RecallGuard
 from stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from stream.pipeline import Pipeline, RunSummary
+from stream.refresh import RollingRefresh
 from stream.schema import EventCodec
+from stream.shadow import Variant, variant_prefix
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,25 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
         model = TwoTowerModel(**common, **cfg.options)
     scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
     return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
+
+
+def build_variant(settings: Settings, name: str, served: MilvusStore) -> Variant:
+    """Shadow variant ``name`` of ``model.variants``: its model, collections under its own prefix, evaluation."""
+    cfg = settings.model.variant(name)
+    m = settings.milvus
+    prefix = variant_prefix(m.collection_prefix, name)
+    store = MilvusStore(served.client, cfg.dim, prefix, m.index_type, m.seen_capacity)
+    publisher = Publisher(store)
+    evaluator = PrequentialEvaluator(
+        publisher.items,
+        publisher.users,
+        publisher.seen,
+        k=settings.metrics.recall_k,
+        cold_max_events=settings.metrics.cold_start_max_events,
+        sample=settings.metrics.eval_sample,
+    )
+    refresh = RollingRefresh(settings.run.max_staleness_s, time.monotonic())
+    return Variant(name, build_model(cfg), publisher, evaluator, refresh)
 
 
 def model_fingerprint(cfg: ModelConfig) -> dict:
@@ -192,6 +214,7 @@ def build_trainer(
         cold_max_events=settings.metrics.cold_start_max_events,
         sample=settings.metrics.eval_sample,
     )
+    variants = [build_variant(settings, name, store) for name in settings.model.variants]
     history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
     # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
     drift = DriftMonitor(
@@ -215,6 +238,7 @@ def build_trainer(
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
             fingerprint=model_fingerprint(settings.model),
+            variants={v.name: (v.model, v.publisher.seen) for v in variants},
         )
     g = settings.guard
     guard = RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events) if g.enabled else None
@@ -237,6 +261,7 @@ def build_trainer(
         generation_grace_s=settings.milvus.generation_grace_s,
         guard=guard,
         snapshot_every=settings.guard.snapshot_every,
+        variants=variants,
     )
     built.append(pipeline)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port)

@@ -243,6 +243,35 @@ def query(
         typer.echo(f"{rank}\t{rec.item_id}\t{rec.score:.4f}")
 
 
+class UnknownVariant(ValueError):
+    """``promote`` named a variant that has no collections."""
+
+    exit_code = 78
+
+
+@app.command()
+def promote(
+    variant: Annotated[str, typer.Argument(help="A name of model.variants (its collections must exist).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Point the served aliases at a shadow variant's collections (until the trainer's next generation switch)."""
+    from ebrflow.app import open_store
+    from indexer.generations import Generations
+    from stream.shadow import variant_prefix
+
+    settings = _settings(config)
+    store = open_store(settings)
+    try:
+        prefix = settings.milvus.collection_prefix
+        pair = Generations(store.client, variant_prefix(prefix, variant)).served_collections()
+        if pair is None:
+            raise UnknownVariant(f"variant {variant!r} has no collections under {variant_prefix(prefix, variant)!r}")
+        Generations(store.client, prefix).promote(*pair)
+    finally:
+        store.client.close()
+    console.print(f"{prefix}_items/_users now serve variant {variant} ({pair[0]}, {pair[1]})")
+
+
 @app.command()
 def report(
     history: Annotated[

@@ -75,6 +75,13 @@ class ModelConfig(Section):
     popularity_half_life: float = Field(1000.0, ge=0)  # events; 0 turns the served recent-popularity prior off
     popularity_scale: float | None = Field(None, ge=0)  # weight of log recent popularity (None: = temperature)
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
+    # shadow A/B: name → overrides of the keys above (e.g. {kind = "two_tower"}); each variant trains on the same
+    # stream in this trainer and is served from its own collections <prefix>_v_<name>_items/_users
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def variant(self, name: str) -> ModelConfig:
+        """The full configuration of variant ``name``: this one with the variant's overrides."""
+        return ModelConfig(**{**self.model_dump(exclude={"variants"}), **self.variants[name]})
 
 
 class MilvusConfig(Section):

@@ -52,6 +52,24 @@ class Generations:
             return None
         return self.generation_of(self.client.describe_alias(self.alias("items"))["collection_name"])
 
+    def served_collections(self) -> tuple[str, str] | None:
+        """(items, users) physical collections behind the aliases, from the items alias alone (None without it).
+
+        The users collection is the items collection's sibling (``…_items_gN`` → ``…_users_gN``), also after
+        ``ebrflow promote`` pointed the aliases at a variant's collections.
+        """
+        if self.alias("items") not in self.client.list_aliases().get("aliases", []):
+            return None
+        items = self.client.describe_alias(self.alias("items"))["collection_name"]
+        head, _, generation = items.rpartition("_items_g")
+        return items, f"{head}_users_g{generation}"
+
+    def promote(self, items: str, users: str) -> None:
+        """Point the aliases at the given physical collections (users first, as ``switch`` does)."""
+        self.client.alter_alias(users, self.alias("users"))
+        self.client.alter_alias(items, self.alias("items"))
+        log.info("aliases of %s now point at %s, %s", self.prefix, items, users)
+
     def existing(self) -> list[int]:
         """Generations with at least one physical collection, ascending."""
         found = {self.generation_of(name) for name in self.client.list_collections()}

@@ -34,20 +34,20 @@ class QueryClient:
     def __init__(self, store: MilvusStore, prior_coordinate: bool = False) -> None:
         self.store = store
         self.generations = Generations(store.client, store.prefix)
-        served = self.generations.served() if store.generation is None else None
-        if served is not None:
-            self.generations.load(served)
+        served = self.generations.served_collections() if store.generation is None else None
+        for name in served or ():
+            store.client.load_collection(name)
         self.prior_coordinate = prior_coordinate  # the last coordinate is the popularity prior (model.popularity_*)
 
     def collections(self) -> tuple[str, str]:
         """(items, users) collections of one generation: the one the items alias points at when aliases exist
         (resolved per call, so a query never mixes two generations across an alias switch), else the store's."""
-        served = self.generations.served() if self.store.generation is None else None
+        served = self.generations.served_collections() if self.store.generation is None else None
         if served is None:
             if not self.store.client.has_collection(self.store.items):
                 raise NothingServed(f"no model is served under the Milvus prefix {self.store.prefix!r} yet")
             return self.store.items, self.store.users
-        return self.generations.physical("items", served), self.generations.physical("users", served)
+        return served
 
     def recommend(self, user_id: int, k: int = 20, exclude_seen: bool = True) -> list[Recommendation]:
         """The user's top-``k`` items by cosine, excluding items the user interacted with."""

@@ -188,6 +188,24 @@ class PipelineMetrics:
             ["action"],
             registry=r,
         )
+        self.variant_hits = Counter(
+            "ebrflow_variant_prequential_hits",
+            "Prequential hits per model variant (\"served\" and each shadow variant of model.variants).",
+            ["variant"],
+            registry=r,
+        )
+        self.variant_evaluated = Counter(
+            "ebrflow_variant_prequential_evaluated",
+            "Events scored prequentially per model variant.",
+            ["variant"],
+            registry=r,
+        )
+        self.variant_seconds = Counter(
+            "ebrflow_variant_seconds",
+            "Seconds each shadow variant spent per stage (evaluate, train, publish).",
+            ["variant", "stage"],
+            registry=r,
+        )
         self.generation = Gauge(
             "ebrflow_generation",
             "Milvus model generation clients read (role=served, 0: none yet) and the one this trainer writes.",

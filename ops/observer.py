@@ -60,6 +60,8 @@ class MetricsObserver:
             if score.recall is not None:
                 self.metrics.preq_recall.labels(seg).set(score.recall)
         self.metrics.stage_duration.labels("evaluate").observe(time.perf_counter() - t0)
+        self.metrics.variant_hits.labels("served").inc(ev.all.hits)
+        self.metrics.variant_evaluated.labels("served").inc(ev.all.n)
         return ev.all.hits, ev.all.n
 
     def after_batch(self, result: BatchResult) -> None:
@@ -174,6 +176,13 @@ class MetricsObserver:
         """Count a guard action and show whether Milvus writes are held."""
         self.metrics.guard_actions.labels(action).inc()
         self.metrics.guard_holding.set(1 if holding else 0)
+
+    def on_variant(self, name: str, hits: int, evaluated: int, seconds: dict[str, float]) -> None:
+        """Count a shadow variant's prequential score and stage seconds under ``variant=name``."""
+        self.metrics.variant_hits.labels(name).inc(hits)
+        self.metrics.variant_evaluated.labels(name).inc(evaluated)
+        for stage, secs in seconds.items():
+            self.metrics.variant_seconds.labels(name, stage).inc(secs)
 
     def on_generation(self, served: int | None, writing: int) -> None:
         """Record the served and the written Milvus generation (0: none served yet)."""

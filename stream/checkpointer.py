@@ -83,6 +83,7 @@ class Checkpointer:
         every_batches: int = 50,
         every_s: float = 60.0,
         fingerprint: dict | None = None,
+        variants: dict[str, tuple[RetrievalModel, SeenItems]] | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -90,6 +91,7 @@ class Checkpointer:
         self.every_batches = every_batches
         self.every_s = every_s
         self.fingerprint = fingerprint or {}
+        self.variants = variants or {}  # shadow models saved and restored alongside (missing ones start fresh)
         self.generation: int | None = None  # the Milvus generation this run writes (saved with every checkpoint)
         self._batches = 0
         self._last = time.monotonic()
@@ -122,6 +124,10 @@ class Checkpointer:
                 "fingerprint": self.fingerprint,
                 "source": source,
                 "generation": self.generation,
+                "variants": {
+                    name: {"model": m.state_dict(), "seen": seen.state_dict()}
+                    for name, (m, seen) in self.variants.items()
+                },
             }
         )
         self._batches, self._last = 0, time.monotonic()
@@ -154,6 +160,7 @@ class Checkpointer:
                 self.model.load_state_dict(initial[0])
                 self.seen.load_state_dict(initial[1])
                 continue
+            self._restore_variants(state.get("variants", {}))
             restored = Restored(
                 path,
                 _unpack_offsets(state["offsets"]),
@@ -172,6 +179,23 @@ class Checkpointer:
         if self.store.paths():
             log.error("no usable checkpoint in %s: starting from an empty model", self.store.directory)
         return None
+
+
+    def _restore_variants(self, saved: dict) -> None:
+        """Load each configured variant saved in the checkpoint; one that does not load (its configuration
+        changed) starts fresh, logged, without costing the served model its checkpoint."""
+        for name, (model, seen) in self.variants.items():
+            if name not in saved:
+                log.info("variant %s is not in the checkpoint: it starts fresh", name)
+                continue
+            initial = copy.deepcopy((model.state_dict(), seen.state_dict()))
+            try:
+                model.load_state_dict(saved[name]["model"])
+                seen.load_state_dict(saved[name]["seen"])
+            except Exception as exc:  # noqa: BLE001 - a changed variant restarts, the served model does not
+                log.error("variant %s does not restore from the checkpoint (%s): it starts fresh", name, exc)
+                model.load_state_dict(initial[0])
+                seen.load_state_dict(initial[1])
 
 
 def _check_finite(model: RetrievalModel) -> None:

@@ -27,6 +27,7 @@ from stream.kafka_io import DeadLetterWriter
 from stream.pausing import PartitionGate
 from stream.refresh import RollingRefresh
 from stream.schema import EventCodec, InvalidEvent
+from stream.shadow import Variant
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +78,9 @@ class Observer(Protocol):
 
     def on_guard(self, action: str, holding: bool) -> None:
         """The recall guard acted ("hold", "rollback", "resume"); ``holding``: Milvus writes are held."""
+
+    def on_variant(self, name: str, hits: int, evaluated: int, seconds: dict[str, float]) -> None:
+        """A shadow variant scored (hits of evaluated events), trained on and published one batch."""
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Pipeline:
         generation_grace_s: float = 600.0,
         guard: RecallGuard | None = None,
         snapshot_every: int = 20,
+        variants: list[Variant] | None = None,
     ) -> None:
         self.consumer = consumer
         self.topic = topic
@@ -189,6 +194,7 @@ class Pipeline:
         self.snapshot_every = snapshot_every
         self._snapshot: dict | None = None  # the model before a batch it scored healthily on (for rollbacks)
         self._since_snapshot = 0
+        self.variants = variants or []
         self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
         self.summary = RunSummary()
@@ -261,6 +267,8 @@ class Pipeline:
             self._drain()
             if self.summary.batches:
                 self.republish_all()
+                for variant in self.variants:
+                    self._retrying("publish", variant.republish_all)
                 self._drain()
                 self._save(force=True)
             self._maybe_switch(time.monotonic())
@@ -287,6 +295,9 @@ class Pipeline:
         re-publish every embedding."""
         if self.generations is not None:
             self._retrying("publish", self._choose_generation)
+        for variant in self.variants:
+            self._retrying("publish", variant.open)
+            self._retrying("publish", variant.republish_all)
         if self.checkpointer is None:
             return
         version = self.model.version
@@ -439,6 +450,11 @@ class Pipeline:
         self._retrying("dlq", lambda: self.dlq.flush(timeout_s=5.0))  # letters are durable before any commit
         job.context = _Pending(batch, record_ts, report, offsets, ranges, stages, invalid)
         self._submit(job)
+        if len(batch):
+            for variant in self.variants:  # shadow A/B: same batch, own model and collections, after the served one
+                hits, evaluated = variant.learn(batch)
+                self._retrying("publish", lambda v=variant: v.publish_batch(batch))
+                self.observer.on_variant(variant.name, hits, evaluated, variant.seconds)
         if action in ("resume", "rollback"):
             self.republish_all()  # Milvus equals the model again (after a hold, or at the restored weights)
 

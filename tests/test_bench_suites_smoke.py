@@ -121,6 +121,15 @@ def test_freshness_smoke(tmp_path: Path) -> None:
     assert 0 < r["latency_s"]["p50"] < 30
 
 
+def test_variants_smoke(tmp_path: Path) -> None:
+    from bench import variants
+
+    assert variants.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = load(tmp_path, "variants")["results"]
+    assert [r["variants"] for r in results.values()] == [0, 1, 2]
+    finite(*(r["events_per_s"] for r in results.values()))
+
+
 def test_scale_smoke(tmp_path: Path) -> None:
     from bench import scale
 

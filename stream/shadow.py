@@ -1,0 +1,93 @@
+"""Shadow A/B: extra model variants trained on the same consumed stream, each served from its own collections.
+
+A variant sees every batch the served model sees, in the same trainer (one consumer, events decoded once): it is
+scored test-then-train on the batch, trained on it, and its fresh embeddings are written synchronously to its own
+aliased collections ``<prefix>_v_<name>_items``/``_users``. Variants never gate offsets or checkpoints' timing;
+their state rides in the served model's checkpoints, so a restart resumes them at the same offsets.
+``ebrflow promote NAME`` points the served aliases at a variant's collections.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from indexer.generations import Generations
+from indexer.publisher import Publisher
+from model.base import Batch, RetrievalModel
+from stream.refresh import RollingRefresh
+
+SHADOW_GENERATION = 1  # variants write one generation; their aliases are created on first use
+
+
+class Scorer(Protocol):
+    """Test-then-train scoring over a variant's served state (``ops.prequential.PrequentialEvaluator``)."""
+
+    def evaluate(self, batch: Batch) -> Any:
+        """Score the batch before training; the result has ``all.hits`` and ``all.n``."""
+
+
+def variant_prefix(prefix: str, name: str) -> str:
+    """The collection prefix of variant ``name`` under the served ``prefix``.
+
+    >>> variant_prefix("ebrflow", "two_tower")
+    'ebrflow_v_two_tower'
+    """
+    return f"{prefix}_v_{name}"
+
+
+@dataclass
+class Variant:
+    """One shadow model with its publisher (own collections, mirrors and seen store) and its evaluation."""
+
+    name: str
+    model: RetrievalModel
+    publisher: Publisher
+    evaluate: Scorer  # a PrequentialEvaluator over this variant's mirrors
+    refresh: RollingRefresh | None = None  # the variant's own rolling refresh (see stream.refresh)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def open(self) -> None:
+        """Create (or reopen) the variant's collections and point its aliases at them."""
+        store = self.publisher.store
+        store.use_generation(SHADOW_GENERATION)
+        gens = Generations(store.client, store.prefix)
+        if gens.served() != SHADOW_GENERATION:
+            gens.switch(SHADOW_GENERATION)
+
+    def learn(self, batch: Batch) -> tuple[int, int]:
+        """Score the batch on what this variant serves, then train on it; returns (hits, evaluated)."""
+        t0 = time.perf_counter()
+        ev = self.evaluate.evaluate(batch)
+        t1 = time.perf_counter()
+        self.model.fit_batch(batch)
+        self.seconds = {"evaluate": t1 - t0, "train": time.perf_counter() - t1}
+        return ev.all.hits, ev.all.n
+
+    def publish_batch(self, batch: Batch) -> None:
+        """Write the variant's fresh vectors of the batch's items and users (idempotent: safe to retry)."""
+        t0 = time.perf_counter()
+        items, users = np.unique(batch.item_ids), np.unique(batch.user_ids)
+        if self.refresh is not None:
+            known = {"item": self.model.known_items(), "user": self.model.known_users()}
+            due = self.refresh.next_slice(known, time.monotonic())
+            items, users = np.union1d(items, due["item"]), np.union1d(users, due["user"])
+        self.publish(items, users, (batch.user_ids, batch.item_ids))
+        self.seconds["publish"] = time.perf_counter() - t0
+
+    def publish(self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]) -> None:
+        """Write the variant's current vectors of ``items``/``users`` (and the interactions' seen lists)."""
+        m, dim = self.model, self.publisher.store.dim
+        item_vecs = m.item_embeddings(items) if len(items) else np.empty((0, dim), np.float32)
+        user_vecs = m.user_embeddings(users) if len(users) else np.empty((0, dim), np.float32)
+        self.publisher.publish(self.publisher.prepare(m.version, items, item_vecs, users, user_vecs, interactions))
+
+    def republish_all(self, chunk: int = 5000) -> None:
+        """Write every known embedding of the variant (after a restore and at a clean stop)."""
+        empty = np.empty(0, np.int64)
+        items, users = self.model.known_items(), self.model.known_users()
+        for start in range(0, max(len(items), len(users)), chunk):
+            self.publish(items[start : start + chunk], users[start : start + chunk], (empty, empty))
