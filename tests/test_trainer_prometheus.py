@@ -23,6 +23,8 @@ def test_dashboard_queries_return_series_from_a_live_trainer(settings: Settings)
         if os.environ.get("CI"):
             pytest.fail("prometheus must be installed in CI")
         pytest.skip("prometheus not installed (apt-get install prometheus)")
+    variants = {"tt": {"kind": "two_tower"}}  # a shadow variant, so the A/B row has series too
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"variants": variants})})
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
     trainer.pipeline.lag_interval_s = 1.0
     producer = make_producer(settings.kafka.bootstrap_servers)
