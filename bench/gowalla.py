@@ -1,8 +1,9 @@
 """Gowalla under the LightGCN protocol: full ranking over all items, train items masked, Recall@20 / NDCG@20.
 
 Usage: ``python -m bench.gowalla --minutes 20`` (per variant). The data stay in place (never copied):
-/work/shared/data/lightgcn-gowalla. Every variant is the same ``SSMTLModel`` trained by ``backfill`` on
-shuffled batches of the training interactions; evaluation uses the model's own (full-neighbourhood) embeddings.
+``../shared/data/lightgcn-gowalla`` beside the repository, or ``--data DIR``. Every variant is the same
+``SSMTLModel`` trained by ``backfill`` on shuffled batches of the training interactions; evaluation uses the
+model's own (full-neighbourhood) embeddings.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.render_only:
         render(args.out)
         return json.loads(args.out.with_suffix(".json").read_text())["results"]
+    if not (args.data / "train.txt.gz").is_file():
+        p.error(f"no Gowalla split at {args.data} (train.txt.gz, test.txt.gz); pass --data DIR")
     torch.set_num_threads(args.threads)
     train = read_split(args.data / "train.txt.gz", args.max_users)
     test = read_split(args.data / "test.txt.gz", args.max_users)

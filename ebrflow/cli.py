@@ -1,12 +1,21 @@
-"""The ``ebrflow`` command: demo, run, replay, query (and report, backfill)."""
+"""The ``ebrflow`` command: demo, run, replay, query (and report, backfill, config).
+
+Exit codes (also in the README): 0 ok, 1 a failed demo, 2 usage (bad flag or argument), 3 unknown user
+(``query``), 65 a bad input file, 69 a service unavailable (Kafka or Milvus unreachable, metrics port in
+use, nothing served yet), 75 another trainer holds part of the topic, 78 configuration. Errors are one
+``error:`` line on stderr; a traceback means a bug.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +23,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ebrflow.config import Settings, load_settings
+from ebrflow import __version__
+from ebrflow.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from ebrflow.preflight import EX_UNKNOWN_USER, EX_USAGE, Unavailable
 
 app = typer.Typer(
     help="Streaming, incremental training of embedding-based retrieval.", no_args_is_help=True, add_completion=False
@@ -22,8 +33,55 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="TOML config file (env EBRFLOW_* overrides).")
+    Optional[Path],
+    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="TOML config file (env EBRFLOW_* overrides)."),
 ]  # noqa: UP007, UP045
+
+
+class DataFormat(str, Enum):
+    """Dataset formats ``replay`` and ``backfill`` read (``stream.replay.FORMATS``)."""
+
+    movielens = "movielens"
+    snap = "snap"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class ShowFormat(str, Enum):
+    """Output formats of ``config show``."""
+
+    toml = "toml"
+    json = "json"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ebrflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Streaming, incremental training of embedding-based retrieval."""
+
+
+config_app = typer.Typer(help="Show or validate the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+def _preflight_trainer(settings: Settings) -> None:
+    """Everything a trainer needs, checked before it starts a broker, creates a topic or opens Milvus."""
+    from ebrflow.preflight import check_kafka, check_metrics_port, check_milvus, check_model
+
+    check_model(settings.model)
+    check_metrics_port(settings.metrics)
+    if settings.kafka.bootstrap_servers:
+        check_kafka(settings.kafka.bootstrap_servers, settings.kafka.client_kwargs())
+    check_milvus(settings.milvus.uri)
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
@@ -48,8 +106,9 @@ def _progress() -> Progress:
 
 @app.command()
 def demo(
-    config: ConfigOpt = None, events: Annotated[Optional[int], typer.Option(help="Synthetic events to stream.")] = None
-) -> None:  # noqa: UP045
+    config: ConfigOpt = None,
+    events: Annotated[Optional[int], typer.Option(min=1, help="Synthetic events to stream.")] = None,  # noqa: UP045
+) -> None:
     """Run the whole path on embedded defaults: Tansu broker, synthetic stream, trainer, Milvus Lite, /metrics."""
     from ebrflow.app import build_trainer, kafka_endpoint
     from stream.generator import SyntheticStream
@@ -57,6 +116,7 @@ def demo(
     from stream.replay import events_from_arrays, produce
 
     settings = _settings(config)
+    _preflight_trainer(settings)
     n = events or settings.demo.events
     data_dir = Path(settings.run.data_dir) / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -103,8 +163,8 @@ def demo(
 @app.command()
 def run(
     config: ConfigOpt = None,
-    max_events: Annotated[Optional[int], typer.Option(help="Stop after this many records.")] = None,  # noqa: UP045
-    idle_exit: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+    max_events: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many records.")] = None,  # noqa: UP045
+    idle_exit: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many idle seconds.")] = None,
     new_generation: Annotated[
         bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
     ] = False,
@@ -113,6 +173,7 @@ def run(
     from ebrflow.app import build_trainer, kafka_endpoint
 
     settings = _settings(config)
+    _preflight_trainer(settings)
     with kafka_endpoint(settings) as servers:
         trainer = build_trainer(settings, servers, new_generation=new_generation)
         try:
@@ -127,36 +188,48 @@ def run(
 
 @app.command()
 def replay(
-    path: Annotated[Optional[Path], typer.Argument(help="Dataset file (.gz ok).")] = None,  # noqa: UP045
-    fmt: Annotated[str, typer.Option("--format", help="movielens | snap | csv | jsonl")] = "movielens",
-    synthetic: Annotated[int, typer.Option(help="Instead of a file, send this many synthetic events.")] = 0,
-    rate: Annotated[Optional[float], typer.Option(help="Events per second (default: flat out).")] = None,  # noqa: UP045
-    speed: Annotated[Optional[float], typer.Option(help="Replay event time this many times faster.")] = None,  # noqa: UP045
-    limit: Annotated[Optional[int], typer.Option(help="Send at most this many events.")] = None,  # noqa: UP045
+    path: Annotated[
+        Optional[Path], typer.Argument(exists=True, dir_okay=False, help="Dataset file (.gz ok).")  # noqa: UP045
+    ] = None,
+    fmt: Annotated[DataFormat, typer.Option("--format", help="Dataset format.")] = DataFormat.movielens,
+    synthetic: Annotated[int, typer.Option(min=0, help="Instead of a file, send this many synthetic events.")] = 0,
+    rate: Annotated[
+        Optional[float], typer.Option(min=0, help="Events per second (default or 0: flat out).")  # noqa: UP045
+    ] = None,
+    speed: Annotated[
+        Optional[float], typer.Option(min=0, help="Replay event time this many times faster.")  # noqa: UP045
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=0, help="Send at most this many events (0: none).")  # noqa: UP045
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Produce events to the configured topic in time order, keyed by user id (needs kafka.bootstrap_servers)."""
     from itertools import islice
 
+    from ebrflow.preflight import check_kafka
     from stream.generator import SyntheticStream
     from stream.kafka_io import ensure_topics, make_producer
     from stream.replay import Pacer, events_from_arrays, produce, read_events
 
+    if synthetic and path is not None:
+        raise typer.BadParameter("give a dataset PATH or --synthetic N, not both")
+    if not synthetic and path is None:
+        raise typer.BadParameter("give a dataset PATH or --synthetic N")
     settings = _settings(config)
     k = settings.kafka
     if not k.bootstrap_servers:
-        raise typer.BadParameter("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
+        raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
+    check_kafka(k.bootstrap_servers, k.client_kwargs())
     if synthetic:
         d = settings.demo
         stream = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
         events, total = events_from_arrays(stream.chunks(synthetic)), synthetic
-    elif path is not None:
-        loaded = read_events(path, fmt)
-        events = loaded if isinstance(loaded, list) else events_from_arrays([loaded], event_type=fmt)
-        total = len(loaded)
     else:
-        raise typer.BadParameter("give a dataset PATH or --synthetic N")
-    if limit:
+        loaded = read_events(path, fmt.value)
+        events = loaded if isinstance(loaded, list) else events_from_arrays([loaded], event_type=fmt.value)
+        total = len(loaded)
+    if limit is not None:
         events, total = islice(events, limit), min(total, limit)
     ensure_topics(k.bootstrap_servers, {k.topic: k.partitions}, k.client_kwargs())
     producer = make_producer(k.bootstrap_servers, k.client_kwargs())
@@ -169,8 +242,10 @@ def replay(
 
 @app.command()
 def backfill(
-    path: Annotated[Path, typer.Argument(help="Dataset file (.gz ok), replayed in time order each epoch.")],
-    fmt: Annotated[str, typer.Option("--format", help="movielens | snap | csv | jsonl")] = "movielens",
+    path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Dataset file (.gz ok), replayed in time order.")
+    ],
+    fmt: Annotated[DataFormat, typer.Option("--format", help="Dataset format.")] = DataFormat.movielens,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the file.")] = 3,
     force: Annotated[bool, typer.Option(help="Replace existing checkpoints (e.g. of a live run).")] = False,
     config: ConfigOpt = None,
@@ -190,6 +265,9 @@ def backfill(
     from stream.replay import as_arrays, read_events
 
     settings = _settings(config)
+    from ebrflow.preflight import check_model
+
+    check_model(settings.model)
     store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
     if store.paths() and not force:
         console.print(
@@ -199,7 +277,7 @@ def backfill(
             soft_wrap=True,
         )
         raise typer.Exit(78)
-    events = as_arrays(read_events(path, fmt))
+    events = as_arrays(read_events(path, fmt.value))
     size = settings.batch.max_events
 
     def batches() -> Iterator[Batch]:
@@ -224,21 +302,29 @@ def backfill(
 @app.command()
 def query(
     user: Annotated[int, typer.Option("--user", help="User id.")],
-    k: Annotated[int, typer.Option("-k", help="How many items.")] = 20,
+    k: Annotated[int, typer.Option("-k", min=1, max=16384, help="How many items.")] = 20,
     config: ConfigOpt = None,
 ) -> None:
-    """Print the user's top-K items from Milvus (items the user already interacted with are excluded)."""
+    """Print the user's top-K items from Milvus (items the user already interacted with are excluded).
+
+    Exits 3 when the user has no published embedding, 69 when nothing is served (or Milvus is unreachable).
+    """
     from ebrflow.app import open_store
+    from ebrflow.preflight import check_milvus
     from indexer.query import QueryClient, UnknownUser
 
     settings = _settings(config)
+    uri = settings.milvus.uri
+    if "://" not in uri and not Path(uri).exists():
+        raise Unavailable(f"no Milvus Lite database at {uri} (milvus.uri): nothing has been published there")
+    check_milvus(uri)
     try:
         recs = QueryClient(open_store(settings), prior_coordinate=settings.model.popularity_half_life > 0).recommend(
             user, k
         )
     except UnknownUser:
-        console.print(f"user {user} has no published embedding yet")
-        raise typer.Exit(2) from None
+        _error(f"user {user} has no published embedding yet")
+        raise typer.Exit(EX_UNKNOWN_USER) from None
     for rank, rec in enumerate(recs, 1):
         typer.echo(f"{rank}\t{rec.item_id}\t{rec.score:.4f}")
 
@@ -290,20 +376,81 @@ def report(
         typer.echo(str(path))
 
 
-def main() -> None:
-    """Entry point: known operator errors become one line on stderr and a distinct exit code.
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    fmt: Annotated[ShowFormat, typer.Option("--format", help="Output format.")] = ShowFormat.toml,
+) -> None:
+    """Print the effective settings (file, then environment on top), secrets masked; the TOML is a valid config."""
+    from ebrflow.render import render
 
-    78: configuration (invalid settings, a checkpoint of another model configuration); 75: another trainer
-    holds part of the topic. Anything else is a bug and keeps its traceback.
+    typer.echo(render(load_settings(config), fmt.value), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt = None) -> None:
+    """Check the settings without side effects (types, keys, environment names, model device and options).
+
+    Exits 0 when valid, 78 with one ``error:`` line otherwise. Reachability of Kafka and Milvus is checked by
+    the commands that use them.
+    """
+    from ebrflow.preflight import check_model
+
+    settings = load_settings(config)
+    check_model(settings.model)
+    typer.echo(f"config ok ({config if config else 'defaults'} + environment)")
+
+
+def _error(message: str) -> None:
+    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _click_errors(name: str) -> tuple[type[BaseException], ...]:
+    """Exception class ``name`` of the click typer uses: its vendored copy (typer >= 0.2x) and/or click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError):
+            cls = getattr(importlib.import_module(module), name, None)
+            if cls is not None:
+                found.append(cls)
+    return tuple(found)
+
+
+_NO_ARGS, _USAGE, _CLICK, _ABORT = (
+    _click_errors(n) for n in ("NoArgsIsHelpError", "UsageError", "ClickException", "Abort")
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: known operator errors become one ``error:`` line on stderr and a distinct exit code.
+
+    2: usage (click's bad flag or argument); 3: unknown user; 65: bad input file; 69: unavailable service;
+    75: another trainer holds part of the topic; 78: configuration. Any other exception is a bug and keeps its
+    traceback.
     """
     try:
-        app()
+        code = app(args=argv, prog_name="ebrflow", standalone_mode=False)
+    except _NO_ARGS:  # help was printed
+        raise SystemExit(EX_USAGE) from None
+    except _USAGE as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _error(exc.format_message().replace("\n", " ") + where)
+        raise SystemExit(EX_USAGE) from None
+    except _CLICK as exc:
+        _error(exc.format_message())
+        raise SystemExit(exc.exit_code) from None
+    except _ABORT:
+        _error("aborted")
+        raise SystemExit(130) from None
     except Exception as exc:
         code = getattr(exc, "exit_code", None)
         if not isinstance(code, int):
             raise
-        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        _error(str(exc))
         raise SystemExit(code) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -14,6 +16,10 @@ else:  # pragma: no cover - pydantic-settings brings tomli on 3.10
     import tomli as tomllib
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_PREFIX = "EBRFLOW_"
+CONFIG_ENV = "EBRFLOW_CONFIG"  # the default config file path (the CLI's --config); not a setting
 
 
 class Section(BaseModel):
@@ -120,6 +126,14 @@ class RunConfig(Section):
     audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        """A level name ``logging`` knows (any case); stored upper-case."""
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
 
 class GuardConfig(Section):
     """The recall guard (``stream.guard``): hold Milvus writes, or roll the model back, while prequential
@@ -206,10 +220,43 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     toml_path = Path(path) if path else None
     if toml_path is not None and not toml_path.is_file():
         raise ConfigError(f"config file {toml_path} not found")
+    check_environment(os.environ)
     cls = type("FileSettings", (Settings,), {"toml_path": toml_path})
     try:
         return cls(**overrides)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings:\n{describe_errors(exc)}") from None
+        problems = "; ".join(_with_source(line, os.environ) for line in describe_errors(exc).splitlines())
+        where = f" in {toml_path} or the environment" if toml_path else ""
+        raise ConfigError(f"invalid settings{where}: {problems}") from None
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Every ``EBRFLOW_*`` variable must name a section (``EBRFLOW_<SECTION>__<KEY>`` or ``EBRFLOW_<SECTION>``).
+
+    pydantic-settings ignores variables of unknown sections, so ``EBRFLOW_MODLE__DIM=3`` would silently fall
+    back to the default; here it is a ``ConfigError`` naming the variable (never its value).
+    """
+    sections = set(Settings.model_fields)
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+            continue
+        section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if section not in sections:
+            raise ConfigError(
+                f"environment variable {name}: unknown section {section!r} "
+                f"(EBRFLOW_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})"
+            )
+
+
+def _with_source(problem: str, environ: Mapping[str, str]) -> str:
+    """``section.key: message``, plus the environment variable that set it, if one did."""
+    loc = problem.split(":", 1)[0].split(".")
+    names = {n.upper(): n for n in environ}
+    for depth in range(len(loc), 0, -1):
+        var = ENV_PREFIX + "__".join(loc[:depth]).upper()
+        if var in names:
+            return f"{problem} (from {names[var]})"
+    return problem

@@ -16,6 +16,12 @@ log = logging.getLogger(__name__)
 SUPPORTED_INDEXES = {"FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"}
 
 
+class MilvusLiteBusy(RuntimeError):
+    """A Milvus Lite database another process has open (Lite allows one process per data dir)."""
+
+    exit_code = 75  # EX_TEMPFAIL, as for another trainer holding the topic: ``ebrflow`` prints one line
+
+
 def connect(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
     """A client for a Milvus Lite path (created if missing) or a ``http(s)://host:port`` server."""
     if "://" not in uri:
@@ -24,7 +30,7 @@ def connect(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
         return MilvusClient(uri=uri, token=token, timeout=timeout_s)
     except Exception as exc:
         if "://" not in uri:
-            raise RuntimeError(
+            raise MilvusLiteBusy(
                 f"could not open Milvus Lite at {uri!r} ({exc}). Milvus Lite allows one process per data dir: "
                 "stop the trainer, or serve it with `milvus-lite server --data-dir ...` and use its http:// URI."
             ) from exc

@@ -25,10 +25,36 @@ def _open_text(path: Path) -> io.TextIOBase:
     return path.open(encoding="utf-8", errors="replace")
 
 
+class BadInputFile(ValueError):
+    """A dataset file that cannot be replayed; the message names the file and the line (or missing column)."""
+
+    exit_code = 65  # EX_DATAERR: ``ebrflow`` prints the message as one line and exits with it
+
+
+def _first_bad_line(path: Path, cols: tuple[int, ...]) -> str:
+    """``file:line: why`` for the first line ``np.loadtxt`` cannot read as integer columns (slow: errors only)."""
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split("%", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) <= max(cols):
+                return f"{path}:{n}: expected at least {max(cols) + 1} columns, found {len(fields)}"
+            for c in cols:
+                try:
+                    int(fields[c])
+                except ValueError:
+                    return f"{path}:{n}: column {c + 1} is {fields[c][:40]!r}, not an integer"
+    return ""
+
+
 def _whitespace_columns(path: Path, cols: tuple[int, int, int]) -> EventArrays:
     """Three integer columns (user, item, unix seconds) from a whitespace-separated file, sorted by time."""
-    with _open_text(path) as f:
-        data = np.loadtxt(f, dtype=np.int64, usecols=cols, ndmin=2, comments=("#", "%"))
+    try:
+        with _open_text(path) as f:
+            data = np.loadtxt(f, dtype=np.int64, usecols=cols, ndmin=2, comments=("#", "%"))
+    except ValueError as exc:
+        raise BadInputFile(_first_bad_line(path, cols) or f"{path}: {exc}") from None
     order = np.argsort(data[:, 2], kind="stable")
     data = data[order]
     return EventArrays(data[:, 0].copy(), data[:, 1].copy(), data[:, 2] * 1000)
@@ -41,29 +67,61 @@ def read_events(path: Path | str, fmt: str) -> EventArrays | list[Event]:
     one wire-format event per line. Both return ``Event`` lists sorted by ``ts``.
     """
     path = Path(path)
-    if fmt == "movielens":
-        return _whitespace_columns(path, (0, 1, 3))
-    if fmt == "snap":
-        return _whitespace_columns(path, (0, 1, 2))
-    if fmt == "csv":
-        with _open_text(path) as f:
-            events = [
-                Event(
-                    user_id=int(r["user_id"]),
-                    item_id=int(r["item_id"]),
-                    ts=int(r["ts"]),
-                    event_type=r.get("event_type") or "interaction",
-                    weight=float(r.get("weight") or 1.0),
-                )
-                for r in csv.DictReader(f)
-            ]
-    elif fmt == "jsonl":
-        decoder = msgspec.json.Decoder(Event)
-        with _open_text(path) as f:
-            events = [decoder.decode(line) for line in f if line.strip()]
-    else:
+    if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    try:
+        if fmt == "movielens":
+            return _whitespace_columns(path, (0, 1, 3))
+        if fmt == "snap":
+            return _whitespace_columns(path, (0, 1, 2))
+        events = _read_csv(path) if fmt == "csv" else _read_jsonl(path)
+    except (OSError, EOFError) as exc:  # unreadable, or e.g. a truncated or not gzipped .gz
+        raise BadInputFile(f"{path}: {exc}") from None
     return sorted(events, key=lambda e: e.ts)
+
+
+CSV_COLUMNS = ("user_id", "item_id", "ts")
+
+
+def _read_csv(path: Path) -> list[Event]:
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise BadInputFile(
+                f"{path}: missing CSV column {', '.join(missing)} (the header needs {','.join(CSV_COLUMNS)}; "
+                f"it has {','.join(header) or 'nothing'})"
+            )
+        events = []
+        for r in reader:
+            try:
+                events.append(
+                    Event(
+                        user_id=int(r["user_id"]),
+                        item_id=int(r["item_id"]),
+                        ts=int(r["ts"]),
+                        event_type=r.get("event_type") or "interaction",
+                        weight=float(r.get("weight") or 1.0),
+                    )
+                )
+            except (TypeError, ValueError) as exc:
+                why = "too few fields" if None in r.values() else str(exc)
+                raise BadInputFile(f"{path}:{reader.line_num}: {why}") from None
+    return events
+
+
+def _read_jsonl(path: Path) -> list[Event]:
+    decoder = msgspec.json.Decoder(Event)
+    events = []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    events.append(decoder.decode(line))
+                except msgspec.MsgspecError as exc:
+                    raise BadInputFile(f"{path}:{n}: {exc}") from None
+    return events
 
 
 def as_arrays(loaded: EventArrays | list[Event]) -> EventArrays:

@@ -1,0 +1,274 @@
+"""Every operator error of the real ``ebrflow`` command (a subprocess): one ``error:`` line, no traceback, and its
+documented exit code (2 usage, 3 unknown user, 65 bad input file, 69 unavailable, 78 configuration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebrflow import __version__
+from ebrflow.config import load_settings
+from ebrflow.render import MASK
+from stream.broker import EmbeddedBroker
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ebrflow(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ebrflow.cli`` with no inherited ``EBRFLOW_*`` variables except those in ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("EBRFLOW_")}
+    base["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "ebrflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd or ROOT,
+        env={**base, **(env or {})},
+    )
+
+
+def one_error(out: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """The single ``error:`` line, after checking the exit code, that it names ``fragments`` and no traceback."""
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == code, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(lines) == 1, out.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- configuration: 78 ---------------------------------------------------------------------------------------
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    one_error(ebrflow("run", "-c", str(tmp_path / "nope.toml")), 78, "nope.toml", "not found")
+
+
+def test_missing_config_file_from_ebrflow_config(tmp_path: Path) -> None:
+    out = ebrflow("config", "validate", env={"EBRFLOW_CONFIG": str(tmp_path / "gone.toml")})
+    one_error(out, 78, "gone.toml", "not found")
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "fragments"),
+    [
+        ("", {"EBRFLOW_RUN__LOG_LEVEL": "verbose"}, ("run.log_level", "EBRFLOW_RUN__LOG_LEVEL", "INFO")),
+        ('[run]\nlog_level = "LOUD"\n', {}, ("run.log_level", "DEBUG")),
+        ("[kafka]\ntopik = 1\n", {}, ("kafka.topik",)),
+        ("[modle]\ndim = 3\n", {}, ("modle",)),
+        ("", {"EBRFLOW_MODLE__DIM": "3"}, ("EBRFLOW_MODLE__DIM", "unknown section 'modle'")),
+        ("", {"EBRFLOW_MODEL__DIM": "three"}, ("model.dim", "EBRFLOW_MODEL__DIM")),
+        ("[model]\noptions = {foo = 1}\n", {}, ("model.options.foo", "SSMTLModel")),
+        ('[model]\nkind = "two_tower"\noptions = {fanout = 1}\n', {}, ("model.options.fanout", "TwoTowerModel")),
+        ("[model]\noptions = {fanouts = [5]}\n", {"EBRFLOW_MODEL__OPTIONS": '{"dim": 3}'}, ("model.options.dim",)),
+        ('[model]\ndevice = "gpu0"\n', {}, ("model.device", "gpu0")),
+        ("[model]\ndim = 32\n[kafka\n", {}, ("not valid TOML",)),
+    ],
+)
+def test_bad_settings_are_one_line_and_78(tmp_path: Path, toml: str, env: dict[str, str], fragments: tuple) -> None:
+    cfg = write(tmp_path / "c.toml", toml)
+    for command in (["config", "validate", "-c", str(cfg)], ["run", "-c", str(cfg)]):
+        one_error(ebrflow(*command, env=env, cwd=tmp_path), 78, *fragments)
+    assert not (tmp_path / "ebrflow_data").exists()  # nothing was created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path: Path) -> None:
+    out = ebrflow("run", env={"EBRFLOW_MODEL__DEVICE": "cuda", "EBRFLOW_METRICS__PORT": "0"}, cwd=tmp_path)
+    one_error(out, 78, "model.device", "CUDA is not available")
+    assert not (tmp_path / "ebrflow_data").exists()
+
+
+def test_replay_without_a_broker_is_a_configuration_error(tmp_path: Path) -> None:
+    one_error(ebrflow("replay", "--synthetic", "5", cwd=tmp_path), 78, "kafka.bootstrap_servers")
+
+
+# --- usage: 2 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["replay", "--format", "parquet", "x.csv"], ("--format", "parquet", "movielens")),
+        (["backfill", "--format", "parquet", "x.csv"], ("--format",)),
+        (["replay", "--synthetic", "-5"], ("--synthetic",)),
+        (["replay", "--limit", "-1", "--synthetic", "5"], ("--limit",)),
+        (["replay"], ("PATH or --synthetic",)),
+        (["replay", "no-such-file.csv", "--format", "csv"], ("no-such-file.csv", "does not exist")),
+        (["query", "--user", "1", "-k", "0"], ("-k",)),
+        (["query", "-k", "3"], ("--user",)),
+        (["run", "--max-events", "0"], ("--max-events",)),
+        (["run", "--bogus"], ("--bogus",)),
+        (["frobnicate"], ("frobnicate",)),
+        (["config", "show", "--format", "yaml"], ("--format",)),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str], fragments: tuple) -> None:
+    line = one_error(ebrflow(*args, cwd=tmp_path), 2, *fragments)
+    assert "--help" in line  # points at the command's help
+
+
+def test_no_arguments_prints_help_and_exits_2() -> None:
+    out = ebrflow()
+    assert out.returncode == 2 and "Usage" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+# --- unavailable: 69, before any side effect -------------------------------------------------------------------
+
+
+def test_metrics_port_in_use_before_any_side_effect(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"EBRFLOW_METRICS__PORT": str(port), "EBRFLOW_RUN__DATA_DIR": str(tmp_path / "data"),
+               "EBRFLOW_MILVUS__URI": str(tmp_path / "data" / "milvus.db"), "EBRFLOW_MODEL__DEVICE": "cpu"}  # fmt: skip
+        out = ebrflow("run", env=env, cwd=tmp_path)
+    one_error(out, 69, f"metrics port {port}", "already in use")
+    assert not (tmp_path / "data").exists()  # no broker started, no Milvus opened, no checkpoint dir
+
+
+def test_unreachable_kafka_is_69_within_the_bound_and_creates_nothing(tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    env = {
+        "EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "EBRFLOW_METRICS__PORT": "0",
+        "EBRFLOW_RUN__DATA_DIR": str(tmp_path / "data"),
+        "EBRFLOW_MILVUS__URI": str(tmp_path / "data" / "m.db"),
+    }
+    for command in (["run"], ["replay", "--synthetic", "5"]):
+        started = time.monotonic()
+        out = ebrflow(*command, env=env, cwd=tmp_path)
+        elapsed = time.monotonic() - started
+        one_error(out, 69, bootstrap, "kafka.bootstrap_servers")
+        assert elapsed < 25, f"{command}: {elapsed:.0f} s"  # bounded (10 s check + start-up), not kafka's 30 s
+    assert not (tmp_path / "data").exists()
+
+
+def test_unreachable_milvus_server_is_69(tmp_path: Path) -> None:
+    out = ebrflow("query", "--user", "1", env={"EBRFLOW_MILVUS__URI": f"http://127.0.0.1:{free_port()}"})
+    one_error(out, 69, "Milvus at 127.0.0.1", "milvus.uri")
+
+
+def test_query_on_a_missing_lite_db_is_69_and_creates_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "none" / "milvus.db"
+    one_error(ebrflow("query", "--user", "1", env={"EBRFLOW_MILVUS__URI": str(db)}), 69, str(db))
+    assert not db.parent.exists()
+
+
+# --- unknown user: 3 ------------------------------------------------------------------------------------------
+
+
+def test_unknown_user_exits_3(tmp_path: Path) -> None:
+    db = tmp_path / "served.db"
+    fill = f"""
+import numpy as np
+from indexer.generations import Generations
+from indexer.milvus_store import MilvusStore, connect
+client = connect({str(db)!r})
+store = MilvusStore(client, 8)
+store.use_generation(1)
+rng = np.random.default_rng(0)
+store.upsert(store.items, np.arange(50), rng.standard_normal((50, 8)), 1)
+store.upsert(store.users, np.arange(5), rng.standard_normal((5, 8)), 1, seen=[np.zeros(0)] * 5)
+client.flush(store.items)
+client.flush(store.users)
+Generations(client, "ebrflow").switch(1)
+"""
+    subprocess.run([sys.executable, "-c", fill], check=True, cwd=ROOT, timeout=120)  # Lite: one process per db
+    env = {"EBRFLOW_MILVUS__URI": str(db), "EBRFLOW_MODEL__DIM": "8", "EBRFLOW_MODEL__POPULARITY_HALF_LIFE": "0"}
+    known = ebrflow("query", "--user", "2", "-k", "3", env=env)
+    assert known.returncode == 0 and len(known.stdout.strip().splitlines()) == 3, known.stderr[-2000:]
+    one_error(ebrflow("query", "--user", "777", env=env), 3, "user 777", "no published embedding")
+
+
+# --- bad input files: 65, naming the file and line -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "text", "fragments"),
+    [
+        ("e.jsonl", "jsonl", '{"user_id":1,"item_id":2,"ts":3}\n\n{"user_id":1,"item_id":"x","ts":4}\n',
+         (":3:", "item_id")),
+        ("e.csv", "csv", "user_id,item_id,ts\n1,2,3\n1,two,4\n", (":3:", "two")),
+        ("e.csv", "csv", "user_id,item_id,ts\n1,2,3\n1,2\n", (":3:", "too few fields")),
+        ("e.csv", "csv", "user_id,item_id,time\n1,2,3\n", ("missing CSV column ts",)),
+        ("u.data", "movielens", "1\t2\t5\t881250949\n1\t3\t4\tsoon\n", (":2:", "column 4", "soon")),
+        ("edges.txt", "snap", "# comment\n1 2 100\n3 4\n", (":3:", "at least 3 columns")),
+    ],
+)  # fmt: skip
+def test_bad_replay_file_names_file_and_line(
+    broker: EmbeddedBroker, tmp_path: Path, name: str, fmt: str, text: str, fragments: tuple
+) -> None:
+    path = write(tmp_path / name, text)
+    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "EBRFLOW_KAFKA__TOPIC": f"bad.{fmt}"}
+    one_error(ebrflow("replay", str(path), "--format", fmt, env=env), 65, str(path), *fragments)
+
+
+def test_replay_limit_0_sends_nothing(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "EBRFLOW_KAFKA__TOPIC": "limit0"}
+    out = ebrflow("replay", "--synthetic", "50", "--limit", "0", env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "sent 0 events" in out.stderr, out.stderr[-2000:]
+    out = ebrflow("replay", "--synthetic", "50", "--limit", "7", env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "sent 7 events" in out.stderr, out.stderr[-2000:]
+
+
+# --- --version, config show / validate ------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    out = ebrflow("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"ebrflow {__version__}"
+
+
+def test_config_show_masks_secrets_and_round_trips(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", '[kafka]\ntopic = "from-file"\nsasl_password = "hunter2"\n[model]\ndim = 32\n')
+    env = {"EBRFLOW_CONFIG": str(cfg), "EBRFLOW_MILVUS__TOKEN": "root:s3cret", "EBRFLOW_MODEL__DIM": "48"}
+    toml = ebrflow("config", "show", env=env)
+    js = ebrflow("config", "show", "--format", "json", env=env)
+    assert toml.returncode == 0 and js.returncode == 0, toml.stderr + js.stderr
+    for text in (toml.stdout, js.stdout):
+        assert "hunter2" not in text and "s3cret" not in text
+    shown = tomllib.loads(toml.stdout)
+    assert shown == {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in json.loads(js.stdout).items()}
+    assert (shown["kafka"]["topic"], shown["model"]["dim"]) == ("from-file", 48)  # file, then environment on top
+    assert shown["kafka"]["sasl_password"] == MASK and shown["milvus"]["token"] == MASK
+    assert shown["kafka"]["sasl_username"] == ""  # unset values stay visible as unset
+    # the TOML is a config file that loads back to the same settings (secrets aside)
+    again = load_settings(write(tmp_path / "shown.toml", toml.stdout))
+    expected = load_settings(cfg, model={"dim": 48})
+    assert again.model_dump(exclude={"kafka": {"sasl_password"}, "milvus": {"token"}}) == expected.model_dump(
+        exclude={"kafka": {"sasl_password"}, "milvus": {"token"}}
+    )
+
+
+def test_config_validate_ok(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", '[model]\nkind = "two_tower"\ndevice = "cpu"\n[run]\nlog_level = "debug"\n')
+    out = ebrflow("config", "validate", "-c", str(cfg))
+    assert out.returncode == 0 and "config ok" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,70 @@
+"""The repository travels: no machine-specific absolute paths, a Makefile whose targets name what exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# home/work/scratch directories and temporary files of one machine; container paths (/opt/kafka in the compose
+# file, /etc, /proc in code) are not machine-specific
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|Users|root|mnt|scratch|tmp)/[\w.+-]+")
+
+
+def tracked_files() -> list[Path]:
+    """Files git tracks (every file but caches and virtualenvs when this is not a git checkout)."""
+    if shutil.which("git") and (ROOT / ".git").exists():
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        return [ROOT / name for name in out.stdout.decode().split("\0") if name]
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "ebrflow_data", ".hypothesis"}
+    return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+
+
+def test_no_machine_specific_absolute_paths() -> None:
+    found = []
+    for path in tracked_files():
+        if path == Path(__file__).resolve() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:  # binary (PNG plots)
+            continue
+        for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            for match in MACHINE_PATH.finditer(line):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {match.group()}")
+    assert len(tracked_files()) > 50  # the scan saw the repository
+    assert not found, "machine-specific paths:\n" + "\n".join(found)
+
+
+def test_the_pattern_catches_what_it_should() -> None:
+    hits = [bool(MACHINE_PATH.search(s)) for s in ("/work/shared/data", "'/home/ann/x'", "/tmp/run.log", "a/tmp/b")]
+    assert hits == [True, True, True, False]
+    assert not MACHINE_PATH.search("/opt/kafka/bin/kafka.sh") and not MACHINE_PATH.search("https://x.org/home/a")
+
+
+def _make(*args: str) -> str:
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_bench_runs_every_suite_that_exists() -> None:
+    dry = _make("bench", "VENV=.venv-dry-run", "GOWALLA_DATA=.", "TORCH_INDEX=")
+    suites = re.search(r"for suite in ([\w ]+); do", dry).group(1).split()
+    mains = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    assert sorted([*suites, "report"]) == mains
+    assert "-m bench.report" in dry
+
+
+def test_make_venv_takes_torch_from_the_cpu_index_unless_overridden() -> None:
+    default = [line for line in _make("venv", "VENV=.venv-dry-run").splitlines() if "torch" in line]
+    assert len(default) == 1 and "--extra-index-url https://download.pytorch.org/whl/cpu" in default[0]
+    custom = [
+        line
+        for line in _make("venv", "VENV=.venv-dry-run", "TORCH_SPEC=torch>=2.2", "TORCH_INDEX=").splitlines()
+        if "torch" in line
+    ]
+    assert len(custom) == 1 and '"torch>=2.2"' in custom[0] and "index-url" not in custom[0]
