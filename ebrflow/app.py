@@ -241,7 +241,11 @@ def build_trainer(
             variants={v.name: (v.model, v.publisher.seen) for v in variants},
         )
     g = settings.guard
-    guard = RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events) if g.enabled else None
+    guard = (
+        RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events, g.loss_factor)
+        if g.enabled
+        else None
+    )
     audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
     pipeline = Pipeline(
         consumer,

@@ -147,6 +147,7 @@ class GuardConfig(Section):
     patience: int = Field(3, ge=1)  # bad (or, while holding, recovered) batches in a row before acting
     min_events: int = Field(50, ge=1)  # evaluated events the rolling window needs before it counts
     snapshot_every: int = Field(20, ge=1)  # rollback mode: batches between snapshots of a healthy model
+    loss_factor: float = Field(10.0, gt=1)  # a loss above this × the healthy median (or non-finite) is bad too
 
 
 class DemoConfig(Section):

@@ -6,11 +6,15 @@ recall of the last ``window`` batches stays below ``(1 - margin)`` × the baseli
 ``baseline`` healthy batches) for ``patience`` batches in a row, it either **holds** (keep training, stop writing
 to Milvus: clients keep the last good embeddings) or asks for a **rollback** (restore the last healthy snapshot
 of the model and re-publish it). A hold ends once the rolling recall is back above ``(1 - margin / 2)`` × the
-baseline for ``patience`` batches (the baseline is frozen meanwhile).
+baseline for ``patience`` batches (the baseline is frozen meanwhile). A training loss that is not finite or above
+``loss_factor`` × the median loss of the healthy batches counts as bad too (the previous batch's loss, known when
+the next batch arrives).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import deque
 from typing import Literal
 
@@ -27,6 +31,10 @@ class RecallGuard:
     ([None, None, 'hold'], True)
     >>> [g.observe(3, 10) for _ in range(3)], g.holding
     ([None, None, 'resume'], False)
+    >>> for _ in range(5):
+    ...     _ = g.observe(3, 10, loss=1.0)
+    >>> [g.observe(3, 10, loss=float("nan")) for _ in range(2)]  # a diverging loss counts as bad as well
+    [None, 'hold']
     """
 
     def __init__(
@@ -37,6 +45,7 @@ class RecallGuard:
         baseline: int = 100,
         patience: int = 3,
         min_events: int = 50,
+        loss_factor: float = 10.0,
     ) -> None:
         if not 0 < margin < 1:
             raise ValueError("margin must be in (0, 1)")
@@ -44,6 +53,8 @@ class RecallGuard:
         self.margin = margin
         self.patience = patience
         self.min_events = min_events
+        self.loss_factor = loss_factor
+        self._losses: deque[float] = deque(maxlen=baseline)
         self.holding = False
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
         self._baseline: deque[tuple[int, int]] = deque(maxlen=baseline)
@@ -65,21 +76,35 @@ class RecallGuard:
             return None
         return self._rate(self._recent)
 
-    def observe(self, hits: int, evaluated: int) -> Action | None:
-        """Account one batch's prequential score; returns what the trainer must do now, if anything."""
+    def diverged(self, loss: float | None) -> bool:
+        """Whether ``loss`` is non-finite or far above the healthy batches' median loss."""
+        if loss is None:
+            return False
+        if not math.isfinite(loss):
+            return True
+        return len(self._losses) >= 5 and loss > self.loss_factor * max(statistics.median(self._losses), 1e-12)
+
+    def observe(self, hits: int, evaluated: int, loss: float | None = None) -> Action | None:
+        """Account one batch's prequential score (and the previous batch's training loss); returns what the
+        trainer must do now, if anything."""
         self._recent.append((hits, evaluated))
         rolling, base = self.rolling(), self.baseline()
+        diverged = self.diverged(loss)
         if self.holding:
-            recovered = rolling is not None and base is not None and rolling >= (1 - self.margin / 2) * base
+            recovered = (
+                not diverged and rolling is not None and base is not None and rolling >= (1 - self.margin / 2) * base
+            )
             self._streak = self._streak + 1 if recovered else 0
             if self._streak >= self.patience:
                 self.holding, self._streak = False, 0
                 return "resume"
             return None
-        bad = rolling is not None and base is not None and rolling < (1 - self.margin) * base
+        bad = diverged or (rolling is not None and base is not None and rolling < (1 - self.margin) * base)
         if not bad:
             self._streak = 0
             self._baseline.append((hits, evaluated))
+            if loss is not None:
+                self._losses.append(loss)
             return None
         self._streak += 1
         if self._streak < self.patience:

@@ -194,6 +194,7 @@ class Pipeline:
         self.snapshot_every = snapshot_every
         self._snapshot: dict | None = None  # the model before a batch it scored healthily on (for rollbacks)
         self._since_snapshot = 0
+        self._last_loss: float | None = None  # the previous batch's training loss (the guard's divergence signal)
         self.variants = variants or []
         self.gate = PartitionGate(consumer)
         self.stop_event = threading.Event()
@@ -440,6 +441,7 @@ class Pipeline:
             action = self._guard(score)
             t1 = time.perf_counter()
             report = self.model.fit_batch(batch)
+            self._last_loss = report.loss
             t2 = time.perf_counter()
             due = self._refresh_slice()
             items, users = np.union1d(batch.item_ids, due["item"]), np.union1d(batch.user_ids, due["user"])
@@ -462,7 +464,7 @@ class Pipeline:
         """Feed the batch's prequential score to the guard; snapshot or roll back the model as it says."""
         if self.guard is None or score is None:
             return None
-        action = self.guard.observe(*score)
+        action = self.guard.observe(*score, loss=self._last_loss)
         if action is None and self.guard.mode == "rollback" and not self.guard.holding:
             self._since_snapshot += 1
             if self._snapshot is None or self._since_snapshot >= self.snapshot_every:

@@ -56,8 +56,17 @@ def max_served_version(trainer) -> int:  # noqa: ANN001
     return max(rows)
 
 
-def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
-    """Produce the stream, train it to the end, and record served recall and guard actions on the way."""
+def set_lr(trainer, factor: float) -> None:  # noqa: ANN001
+    """Multiply every learning rate of the served model's optimisers by ``factor`` (a planted lr spike)."""
+    for group in trainer.model.model._optimizer.param_groups:
+        group["lr"] *= factor
+
+
+def run(settings: Settings, poison: bool, guard: dict | None, spike: float | None = None) -> dict:
+    """Produce the stream, train it to the end, and record served recall and guard actions on the way.
+
+    With ``spike`` the learning rates are multiplied by it for the poison's batches instead of poisoning events.
+    """
     events, probe = stream(poison)
     update = {"guard": settings.guard.model_copy(update=guard)} if guard else {}
     update["batch"] = settings.batch.model_copy(update={"max_events": BATCH, "max_wait_ms": 2000})
@@ -75,6 +84,8 @@ def run(settings: Settings, poison: bool, guard: dict | None) -> dict:
     def counting(result) -> None:  # noqa: ANN001
         after_batch(result)
         batches[0] += 1
+        if spike and batches[0] in (CLEAN_BEFORE, CLEAN_BEFORE + POISON):
+            set_lr(trainer, spike if batches[0] == CLEAN_BEFORE else 1.0 / spike)
         if batches[0] in CURVE:
             out["recall"][batches[0]] = served_recall(trainer, probe)
             out["versions"][batches[0]] = max_served_version(trainer)
@@ -119,3 +130,13 @@ def test_guard_stays_quiet_on_a_clean_stream_and_milvus_follows_the_poison_witho
     print(f"no guard: served probe recall by batch {unguarded['recall']}")
     start, end = CLEAN_BEFORE, CLEAN_BEFORE + POISON
     assert unguarded["versions"][end] > unguarded["versions"][start], "without a guard the poisoned model is served"
+
+
+def test_rollback_undoes_a_learning_rate_spike(settings: Settings) -> None:
+    """A 10,000× learning rate for 25 batches halves served recall; rollback (margin 0.3) restores the last healthy
+    snapshot, whose fresh optimiser also ends the spike."""
+    out = run(settings, poison=False, guard={**GUARD, "mode": "rollback", "margin": 0.3}, spike=1e4)
+    print(f"lr spike, rollback: actions {out['actions']}, served probe recall by batch {out['recall']}")
+    assert [a for _, a in out["actions"]][:1] == ["rollback"], out["actions"]
+    before, during = out["recall"][CLEAN_BEFORE], out["recall"][CLEAN_BEFORE + POISON // 2]
+    assert during >= 0.9 * before, out["recall"]
