@@ -238,7 +238,9 @@ def build_trainer(
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
             fingerprint=model_fingerprint(settings.model),
-            variants={v.name: (v.model, v.publisher.seen) for v in variants},
+            variants={
+                v.name: (v.model, v.publisher.seen, model_fingerprint(settings.model.variant(v.name))) for v in variants
+            },
         )
     g = settings.guard
     guard = (

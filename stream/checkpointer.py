@@ -83,7 +83,7 @@ class Checkpointer:
         every_batches: int = 50,
         every_s: float = 60.0,
         fingerprint: dict | None = None,
-        variants: dict[str, tuple[RetrievalModel, SeenItems]] | None = None,
+        variants: dict[str, tuple[RetrievalModel, SeenItems, dict]] | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -91,7 +91,8 @@ class Checkpointer:
         self.every_batches = every_batches
         self.every_s = every_s
         self.fingerprint = fingerprint or {}
-        self.variants = variants or {}  # shadow models saved and restored alongside (missing ones start fresh)
+        # shadow models (model, seen store, fingerprint) saved and restored alongside; missing or changed: fresh
+        self.variants = variants or {}
         self.generation: int | None = None  # the Milvus generation this run writes (saved with every checkpoint)
         self._batches = 0
         self._last = time.monotonic()
@@ -125,8 +126,8 @@ class Checkpointer:
                 "source": source,
                 "generation": self.generation,
                 "variants": {
-                    name: {"model": m.state_dict(), "seen": seen.state_dict()}
-                    for name, (m, seen) in self.variants.items()
+                    name: {"model": m.state_dict(), "seen": seen.state_dict(), "fingerprint": fingerprint}
+                    for name, (m, seen, fingerprint) in self.variants.items()
                 },
             }
         )
@@ -184,9 +185,16 @@ class Checkpointer:
     def _restore_variants(self, saved: dict) -> None:
         """Load each configured variant saved in the checkpoint; one that does not load (its configuration
         changed) starts fresh, logged, without costing the served model its checkpoint."""
-        for name, (model, seen) in self.variants.items():
+        for name, (model, seen, fingerprint) in self.variants.items():
             if name not in saved:
                 log.info("variant %s is not in the checkpoint: it starts fresh", name)
+                continue
+            if saved[name].get("fingerprint") != fingerprint:
+                log.warning(
+                    "variant %s was saved under another configuration (%s): it starts fresh",
+                    name,
+                    describe_mismatch(saved[name].get("fingerprint") or {}, fingerprint),
+                )
                 continue
             initial = copy.deepcopy((model.state_dict(), seen.state_dict()))
             try:

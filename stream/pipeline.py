@@ -299,6 +299,7 @@ class Pipeline:
         for variant in self.variants:
             self._retrying("publish", variant.open)
             self._retrying("publish", variant.republish_all)
+            self._retrying("publish", variant.serve)
         if self.checkpointer is None:
             return
         version = self.model.version

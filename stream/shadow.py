@@ -20,8 +20,6 @@ from indexer.publisher import Publisher
 from model.base import Batch, RetrievalModel
 from stream.refresh import RollingRefresh
 
-SHADOW_GENERATION = 1  # variants write one generation; their aliases are created on first use
-
 
 class Scorer(Protocol):
     """Test-then-train scoring over a variant's served state (``ops.prequential.PrequentialEvaluator``)."""
@@ -51,12 +49,22 @@ class Variant:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def open(self) -> None:
-        """Create (or reopen) the variant's collections and point its aliases at them."""
+        """Write the served generation of the variant's collections, or a new one when there is none or its
+        dimension differs from the variant's (its configuration changed); call ``serve`` once re-published."""
         store = self.publisher.store
-        store.use_generation(SHADOW_GENERATION)
         gens = Generations(store.client, store.prefix)
-        if gens.served() != SHADOW_GENERATION:
-            gens.switch(SHADOW_GENERATION)
+        served = gens.served()
+        if served is not None and store.dim_of(gens.physical("items", served)) == store.dim:
+            store.use_generation(served)
+        else:
+            store.use_generation(max([*gens.existing(), 0]) + 1)
+
+    def serve(self) -> None:
+        """Point the variant's aliases at the generation it writes (after ``republish_all`` filled it)."""
+        store = self.publisher.store
+        gens = Generations(store.client, store.prefix)
+        if gens.served() != store.generation:
+            gens.switch(store.generation)  # older ones stay: `ebrflow promote` may have pointed clients at them
 
     def learn(self, batch: Batch) -> tuple[int, int]:
         """Score the batch on what this variant serves, then train on it; returns (hits, evaluated)."""

@@ -54,8 +54,20 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
     finally:
         again.close()
 
+    # a variant whose dimension changed starts fresh in a new generation of its own collections (no retry loop)
+    changed = settings.model.variants | {"tt": {"kind": "two_tower", "dim": 8}}
+    resized = settings.model_copy(update={"model": settings.model.model_copy(update={"variants": changed})})
+    again = build_trainer(resized, settings.kafka.bootstrap_servers)
+    try:
+        again.run(max_events=0)
+        tt = next(v for v in again.pipeline.variants if v.name == "tt")
+        assert tt.publisher.store.generation == 2 and tt.publisher.store.dim == 8
+        assert Generations(tt.publisher.store.client, variant_prefix(prefix, "tt")).served() == 2
+    finally:
+        again.close()
+
     env = {"EBRFLOW_MILVUS__URI": settings.milvus.uri, "EBRFLOW_MODEL__DIM": str(settings.model.dim)}
-    result = CliRunner().invoke(app, ["promote", "tt"], env=env)
+    result = CliRunner().invoke(app, ["promote", "rr"], env=env)  # rr was restored with its trained state
     assert result.exit_code == 0, result.output
     missing = CliRunner().invoke(app, ["promote", "nope"], env=env)
     assert missing.exit_code != 0
@@ -63,10 +75,10 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
     try:
         client = again.store.client
         assert Generations(client, prefix).served_collections() == (
-            f"{variant_prefix(prefix, 'tt')}_items_g1",
-            f"{variant_prefix(prefix, 'tt')}_users_g1",
+            f"{variant_prefix(prefix, 'rr')}_items_g1",
+            f"{variant_prefix(prefix, 'rr')}_users_g1",
         )
-        recs = QueryClient(MilvusStore(client, 12, prefix=prefix)).recommend(0, k=5)
+        recs = QueryClient(MilvusStore(client, settings.model.dim, prefix=prefix)).recommend(0, k=5)
         assert len(recs) == 5
     finally:
         again.close()
