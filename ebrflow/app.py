@@ -71,6 +71,19 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
 
 
+def evaluator_for(settings: Settings, publisher: Publisher) -> PrequentialEvaluator:
+    """Test-then-train scoring over what ``publisher`` serves, as configured under ``[metrics]``."""
+    m = settings.metrics
+    return PrequentialEvaluator(
+        publisher.items,
+        publisher.users,
+        publisher.seen,
+        k=m.recall_k,
+        cold_max_events=m.cold_start_max_events,
+        sample=m.eval_sample,
+    )
+
+
 def build_variant(settings: Settings, name: str, served: MilvusStore) -> Variant:
     """Shadow variant ``name`` of ``model.variants``: its model, collections under its own prefix, evaluation."""
     cfg = settings.model.variant(name)
@@ -78,14 +91,7 @@ def build_variant(settings: Settings, name: str, served: MilvusStore) -> Variant
     prefix = variant_prefix(m.collection_prefix, name)
     store = MilvusStore(served.client, cfg.dim, prefix, m.index_type, m.seen_capacity)
     publisher = Publisher(store)
-    evaluator = PrequentialEvaluator(
-        publisher.items,
-        publisher.users,
-        publisher.seen,
-        k=settings.metrics.recall_k,
-        cold_max_events=settings.metrics.cold_start_max_events,
-        sample=settings.metrics.eval_sample,
-    )
+    evaluator = evaluator_for(settings, publisher)
     refresh = RollingRefresh(settings.run.max_staleness_s, time.monotonic())
     return Variant(name, build_model(cfg), publisher, evaluator, refresh)
 
@@ -206,14 +212,7 @@ def build_trainer(
             settings.metrics.host, settings.metrics.port, readiness=lambda: built[0].readiness() if built else {}
         )
         log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", settings.metrics.host, port)
-    evaluator = PrequentialEvaluator(
-        publisher.items,
-        publisher.users,
-        publisher.seen,
-        k=settings.metrics.recall_k,
-        cold_max_events=settings.metrics.cold_start_max_events,
-        sample=settings.metrics.eval_sample,
-    )
+    evaluator = evaluator_for(settings, publisher)
     variants = [build_variant(settings, name, store) for name in settings.model.variants]
     history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
     # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches

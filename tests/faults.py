@@ -66,6 +66,15 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, every_s: float = 0
     return condition()
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a helper server, killing it if it does not exit within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextlib.contextmanager
 def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]:
     """``milvus-lite server`` on a free loopback port, so several processes share one Milvus; yields its URI."""
@@ -93,11 +102,7 @@ def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]
                 time.sleep(0.3)
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 @contextlib.contextmanager
@@ -138,11 +143,7 @@ def s3_server(bucket: str = "tansu", timeout_s: float = 30.0) -> Iterator[dict[s
             "AWS_REGION": "us-east-1",
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def send_events(settings: Settings, first: int, n: int) -> None:
