@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from model.base import Batch
-from stream.generator import EventArrays
+from ebrflow.model.base import Batch
+from ebrflow.stream.generator import EventArrays
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -34,8 +33,9 @@ SYNTHETIC = "synthetic"  # the built-in generator with the demo's settings (60,0
 
 def synthetic_events(n_events: int = 60_000) -> EventArrays:
     """The stream ``ebrflow demo`` replays: ``SyntheticStream`` with ``DemoConfig`` defaults."""
+    from ebrflow.stream.generator import SyntheticStream
+
     from ebrflow.config import DemoConfig
-    from stream.generator import SyntheticStream
 
     d = DemoConfig()
     gen = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
@@ -45,7 +45,7 @@ def synthetic_events(n_events: int = 60_000) -> EventArrays:
 
 def load_dataset(name: str, limit: int | None = None) -> EventArrays:
     """A shared dataset (or ``SYNTHETIC``) in time order (stable sort), optionally its first ``limit`` events."""
-    from stream.replay import read_events
+    from ebrflow.stream.replay import read_events
 
     if name == SYNTHETIC:
         return synthetic_events(limit or 60_000)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from model.backfill import backfill
-from model.base import Batch
-from model.ssmtl import SSMTLModel
+from ebrflow.model.backfill import backfill
+from ebrflow.model.base import Batch
+from ebrflow.model.ssmtl import SSMTLModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lightgcn-gowalla"
 RESULTS = Path(__file__).parent / "results"

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from model.base import Batch, RetrievalModel
+from ebrflow.model.base import Batch, RetrievalModel
 
 
 class ModelScorer:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from model.balancing import MGDA, min_norm_weights
-from model.base import Batch
-from model.ssmtl import SSMTLModel
-from model.tasks import TASKS
+from ebrflow.model.balancing import MGDA, min_norm_weights
+from ebrflow.model.base import Batch
+from ebrflow.model.ssmtl import SSMTLModel
+from ebrflow.model.tasks import TASKS
 
 RESULTS = Path(__file__).parent / "results"
 

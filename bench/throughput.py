@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from ebrflow.model.base import Batch
+from ebrflow.model.two_tower import TwoTowerModel
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.generator import EventArrays
+from ebrflow.stream.schema import EventCodec
 from kafka import KafkaConsumer, TopicPartition
 
 from bench.harness import STAGES, preproduce, quiet_logs, run_trainer, synthetic, trainer_settings
 from bench.output import Run, add_common_args, fmt, fmt_range, summary, table
 from bench.plots import hbars
-from model.base import Batch
-from model.two_tower import TwoTowerModel
-from stream.broker import EmbeddedBroker
-from stream.generator import EventArrays
-from stream.schema import EventCodec
 
 
 def consume_rate(bootstrap: str, topic: str, n: int, decode: bool) -> float:
@@ -86,7 +86,7 @@ def river_rate(kind: str, events: EventArrays, n: int) -> float:
 def ssmtl_class() -> type | None:
     """``model.ssmtl.SSMTLModel`` if it imports (it is plugged in by name)."""
     try:
-        return importlib.import_module("model.ssmtl").SSMTLModel
+        return importlib.import_module("ebrflow.model.ssmtl").SSMTLModel
     except Exception:  # noqa: BLE001
         return None
 

@@ -16,27 +16,27 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ebrflow.config import ModelConfig, Settings
-from indexer.generations import Generations
-from indexer.milvus_store import MilvusStore, connect
-from indexer.publisher import Publisher
-from model.base import RetrievalModel
-from model.checkpoint import CheckpointStore
-from model.prior import PopularityPrior
-from model.two_tower import TwoTowerModel
-from ops.drift import DriftMonitor
-from ops.history import HistoryWriter
-from ops.metrics import PipelineMetrics
-from ops.observer import MetricsObserver
-from ops.prequential import PrequentialEvaluator
-from stream.batcher import MicroBatcher
-from stream.broker import EmbeddedBroker
-from stream.checkpointer import Checkpointer
-from stream.guard import RecallGuard
-from stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
-from stream.pipeline import Pipeline, RunSummary
-from stream.refresh import RollingRefresh
-from stream.schema import EventCodec
-from stream.shadow import Variant, variant_prefix
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.milvus_store import MilvusStore, connect
+from ebrflow.indexer.publisher import Publisher
+from ebrflow.model.base import RetrievalModel
+from ebrflow.model.checkpoint import CheckpointStore
+from ebrflow.model.prior import PopularityPrior
+from ebrflow.model.two_tower import TwoTowerModel
+from ebrflow.ops.drift import DriftMonitor
+from ebrflow.ops.history import HistoryWriter
+from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.observer import MetricsObserver
+from ebrflow.ops.prequential import PrequentialEvaluator
+from ebrflow.stream.batcher import MicroBatcher
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.checkpointer import Checkpointer
+from ebrflow.stream.guard import RecallGuard
+from ebrflow.stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from ebrflow.stream.pipeline import Pipeline, RunSummary
+from ebrflow.stream.refresh import RollingRefresh
+from ebrflow.stream.schema import EventCodec
+from ebrflow.stream.shadow import Variant, variant_prefix
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.lr is not None:
         common["lr"] = cfg.lr
     if cfg.kind == "ssmtl":
-        from model.ssmtl import SSMTLModel
+        from ebrflow.model.ssmtl import SSMTLModel
 
         graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
         model: RetrievalModel = SSMTLModel(**common, **{**graph, **cfg.options})

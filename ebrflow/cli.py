@@ -111,9 +111,9 @@ def demo(
 ) -> None:
     """Run the whole path on embedded defaults: Tansu broker, synthetic stream, trainer, Milvus Lite, /metrics."""
     from ebrflow.app import build_trainer, kafka_endpoint
-    from stream.generator import SyntheticStream
-    from stream.kafka_io import make_producer
-    from stream.replay import events_from_arrays, produce
+    from ebrflow.stream.generator import SyntheticStream
+    from ebrflow.stream.kafka_io import make_producer
+    from ebrflow.stream.replay import events_from_arrays, produce
 
     settings = _settings(config)
     _preflight_trainer(settings)
@@ -208,9 +208,9 @@ def replay(
     from itertools import islice
 
     from ebrflow.preflight import check_kafka
-    from stream.generator import SyntheticStream
-    from stream.kafka_io import ensure_topics, make_producer
-    from stream.replay import Pacer, events_from_arrays, produce, read_events
+    from ebrflow.stream.generator import SyntheticStream
+    from ebrflow.stream.kafka_io import ensure_topics, make_producer
+    from ebrflow.stream.replay import Pacer, events_from_arrays, produce, read_events
 
     if synthetic and path is not None:
         raise typer.BadParameter("give a dataset PATH or --synthetic N, not both")
@@ -257,12 +257,12 @@ def backfill(
     checkpoints (a live run's state) are never replaced without ``--force``.
     """
     from ebrflow.app import build_model, model_fingerprint
-    from indexer.seen import SeenItems
-    from model.backfill import backfill as run_backfill
-    from model.base import Batch
-    from model.checkpoint import CheckpointStore
-    from stream.checkpointer import Checkpointer
-    from stream.replay import as_arrays, read_events
+    from ebrflow.indexer.seen import SeenItems
+    from ebrflow.model.backfill import backfill as run_backfill
+    from ebrflow.model.base import Batch
+    from ebrflow.model.checkpoint import CheckpointStore
+    from ebrflow.stream.checkpointer import Checkpointer
+    from ebrflow.stream.replay import as_arrays, read_events
 
     settings = _settings(config)
     from ebrflow.preflight import check_model
@@ -310,8 +310,8 @@ def query(
     Exits 3 when the user has no published embedding, 69 when nothing is served (or Milvus is unreachable).
     """
     from ebrflow.app import open_store
+    from ebrflow.indexer.query import QueryClient, UnknownUser
     from ebrflow.preflight import check_milvus
-    from indexer.query import QueryClient, UnknownUser
 
     settings = _settings(config)
     uri = settings.milvus.uri
@@ -342,8 +342,8 @@ def promote(
 ) -> None:
     """Point the served aliases at a shadow variant's collections (until the trainer's next generation switch)."""
     from ebrflow.app import open_store
-    from indexer.generations import Generations
-    from stream.shadow import variant_prefix
+    from ebrflow.indexer.generations import Generations
+    from ebrflow.stream.shadow import variant_prefix
 
     settings = _settings(config)
     store = open_store(settings)
@@ -368,7 +368,7 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Turn a run's per-batch history into PNG plots (recall, drift, throughput, freshness, loss) and a summary."""
-    from ops.report import make_report
+    from ebrflow.ops.report import make_report
 
     settings = _settings(config)
     data_dir = Path(settings.run.data_dir)

@@ -41,10 +41,10 @@ class Unavailable(RuntimeError):
 def model_class(kind: str) -> type:
     """The model class ``build_model`` instantiates for ``model.kind`` (imports torch)."""
     if kind == "ssmtl":
-        from model.ssmtl import SSMTLModel
+        from ebrflow.model.ssmtl import SSMTLModel
 
         return SSMTLModel
-    from model.two_tower import TwoTowerModel
+    from ebrflow.model.two_tower import TwoTowerModel
 
     return TwoTowerModel
 

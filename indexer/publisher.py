@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from indexer.milvus_store import MilvusStore
-from indexer.mirror import EmbeddingMirror
-from indexer.seen import SeenItems
-from indexer.sink import UpsertJob, write
+from ebrflow.indexer.milvus_store import MilvusStore
+from ebrflow.indexer.mirror import EmbeddingMirror
+from ebrflow.indexer.seen import SeenItems
+from ebrflow.indexer.sink import UpsertJob, write
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from indexer.generations import Generations
-from indexer.milvus_store import MilvusStore
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.milvus_store import MilvusStore
 
 
 @dataclass(frozen=True)

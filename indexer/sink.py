@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from indexer.milvus_store import MilvusStore
+from ebrflow.indexer.milvus_store import MilvusStore
 
 log = logging.getLogger(__name__)
 

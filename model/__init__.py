@@ -1,5 +1,5 @@
 """Continually trained retrieval models: the batch contract, id tables, losses and trainers."""
 
-from model.base import Batch, RetrievalModel, TrainReport
+from ebrflow.model.base import Batch, RetrievalModel, TrainReport
 
 __all__ = ["Batch", "RetrievalModel", "TrainReport"]

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from model.tables import GrowableEmbedding
-from model.views import perturb
+from ebrflow.model.tables import GrowableEmbedding
+from ebrflow.model.views import perturb
 
 
 @dataclass

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
-from model.base import Batch, RetrievalModel, TrainReport
-from model.frequency import ItemFrequency
-from model.tables import IdIndex
+from ebrflow.model.base import Batch, RetrievalModel, TrainReport
+from ebrflow.model.frequency import ItemFrequency
+from ebrflow.model.tables import IdIndex
 
 
 class PopularityPrior:
@@ -18,7 +17,7 @@ class PopularityPrior:
     ``cos / T + log q_recent``: the model's (logQ-corrected) preference times recent popularity. On the
     streaming benchmarks (bench/results/quality.md) this prior is worth more than any other change we tried.
 
-    >>> from model.two_tower import TwoTowerModel
+    >>> from ebrflow.model.two_tower import TwoTowerModel
     >>> m = PopularityPrior(TwoTowerModel(dim=7, device="cpu"), half_life=100, scale=0.1)
     >>> _ = m.fit_batch(Batch.of([1, 2, 3], [10, 10, 11]))
     >>> m.dim, bool(m.item_embeddings(np.array([10]))[0, -1] > m.item_embeddings(np.array([11]))[0, -1])

@@ -15,17 +15,16 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from model.balancing import make_balancer
-from model.base import Batch, TrainReport
-from model.encoder import GraphEncoder, Tree
-from model.frequency import ItemFrequency
-from model.graph import USER, GraphStore
-from model.replay import Reservoir
-from model.spectral import procrustes, spectral_embeddings
-from model.tables import regrow_optimizer_state
-from model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
-from model.two_tower import finite_step, pick_device
+from ebrflow.model.balancing import make_balancer
+from ebrflow.model.base import Batch, TrainReport
+from ebrflow.model.encoder import GraphEncoder, Tree
+from ebrflow.model.frequency import ItemFrequency
+from ebrflow.model.graph import USER, GraphStore
+from ebrflow.model.replay import Reservoir
+from ebrflow.model.spectral import procrustes, spectral_embeddings
+from ebrflow.model.tables import regrow_optimizer_state
+from ebrflow.model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
+from ebrflow.model.two_tower import finite_step, pick_device
 
 log = logging.getLogger(__name__)
 

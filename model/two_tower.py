@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from model.base import Batch, TrainReport
-from model.frequency import ItemFrequency
-from model.graph import RingBuffers
-from model.losses import sampled_softmax
-from model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
+from ebrflow.model.base import Batch, TrainReport
+from ebrflow.model.frequency import ItemFrequency
+from ebrflow.model.graph import RingBuffers
+from ebrflow.model.losses import sampled_softmax
+from ebrflow.model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -19,10 +19,9 @@ from collections import deque
 from typing import Literal
 
 import numpy as np
+from ebrflow.indexer.mirror import EmbeddingMirror
+from ebrflow.indexer.publisher import Published
 from river.drift import ADWIN, PageHinkley
-
-from indexer.mirror import EmbeddingMirror
-from indexer.publisher import Published
 
 Direction = Literal["up", "down"]
 DetectorKind = Literal["adwin", "page_hinkley"]

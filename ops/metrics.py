@@ -12,10 +12,9 @@ import threading
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from ebrflow.stream.schema import REASONS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
-
-from stream.schema import REASONS
 
 disable_created_metrics()
 

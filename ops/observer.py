@@ -7,13 +7,12 @@ import time
 from collections import deque
 
 import numpy as np
-
-from model.base import Batch
-from ops.drift import NoDrift, cosine_shift
-from ops.history import BatchRecord, HistoryWriter
-from ops.metrics import PipelineMetrics
-from ops.prequential import Evaluation, PrequentialEvaluator
-from stream.pipeline import BatchResult
+from ebrflow.model.base import Batch
+from ebrflow.ops.drift import NoDrift, cosine_shift
+from ebrflow.ops.history import BatchRecord, HistoryWriter
+from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.prequential import Evaluation, PrequentialEvaluator
+from ebrflow.stream.pipeline import BatchResult
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-
-from indexer.mirror import EmbeddingMirror
-from indexer.seen import SeenItems
-from model.base import Batch
+from ebrflow.indexer.mirror import EmbeddingMirror
+from ebrflow.indexer.seen import SeenItems
+from ebrflow.model.base import Batch
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from model.base import Batch
-from stream.schema import Event
+from ebrflow.model.base import Batch
+from ebrflow.stream.schema import Event
 
 
 class MicroBatcher:

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
-from indexer.seen import SeenItems
-from model.base import RetrievalModel
-from model.checkpoint import CheckpointStore
+from ebrflow.indexer.seen import SeenItems
+from ebrflow.model.base import RetrievalModel
+from ebrflow.model.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 

@@ -12,22 +12,21 @@ from dataclasses import dataclass, field
 from typing import Protocol, TextIO, TypeVar
 
 import numpy as np
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.publisher import Published, Publisher
+from ebrflow.indexer.sink import MilvusSink, SinkStopped, UpsertJob
+from ebrflow.model.base import Batch, RetrievalModel, TrainReport
+from ebrflow.stream.batcher import MicroBatcher
+from ebrflow.stream.checkpointer import Checkpointer, Offsets, Restored
+from ebrflow.stream.guard import RecallGuard
+from ebrflow.stream.kafka_io import DeadLetterWriter
+from ebrflow.stream.pausing import PartitionGate
+from ebrflow.stream.refresh import RollingRefresh
+from ebrflow.stream.schema import EventCodec, InvalidEvent
+from ebrflow.stream.shadow import Variant
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
-
-from indexer.generations import Generations
-from indexer.publisher import Published, Publisher
-from indexer.sink import MilvusSink, SinkStopped, UpsertJob
-from model.base import Batch, RetrievalModel, TrainReport
-from stream.batcher import MicroBatcher
-from stream.checkpointer import Checkpointer, Offsets, Restored
-from stream.guard import RecallGuard
-from stream.kafka_io import DeadLetterWriter
-from stream.pausing import PartitionGate
-from stream.refresh import RollingRefresh
-from stream.schema import EventCodec, InvalidEvent
-from stream.shadow import Variant
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+from ebrflow.stream.generator import EventArrays
+from ebrflow.stream.schema import Event, EventCodec
 from kafka import KafkaProducer
-
-from stream.generator import EventArrays
-from stream.schema import Event, EventCodec
 
 FORMATS = ("movielens", "snap", "csv", "jsonl")
 

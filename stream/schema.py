@@ -64,7 +64,7 @@ class EventCodec:
     >>> codec.decode(b'{"user_id": 1, "item_id": -2, "ts": 3}')
     Traceback (most recent call last):
     ...
-    stream.schema.InvalidEvent: invalid_field: Expected `int` >= 0 - at `$.item_id`
+    ebrflow.stream.schema.InvalidEvent: invalid_field: Expected `int` >= 0 - at `$.item_id`
     """
 
     def __init__(self, max_bytes: int = 64 * 1024, max_future_ms: int = MAX_FUTURE_MS) -> None:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from indexer.generations import Generations
-from indexer.publisher import Publisher
-from model.base import Batch, RetrievalModel
-from stream.refresh import RollingRefresh
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.publisher import Publisher
+from ebrflow.model.base import Batch, RetrievalModel
+from ebrflow.stream.refresh import RollingRefresh
 
 
 class Scorer(Protocol):

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
-
-from stream.generator import SyntheticStream
-from stream.replay import events_from_arrays
-from stream.schema import EventCodec
+from ebrflow.stream.generator import SyntheticStream
+from ebrflow.stream.replay import events_from_arrays
+from ebrflow.stream.schema import EventCodec
 
 
 def write_config(path: Path, bootstrap: str, topic: str, group: str, data_dir: Path, **sections: dict) -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
-from stream.kafka_io import make_producer
-from stream.schema import Event, EventCodec
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.schema import Event, EventCodec
 
 if TYPE_CHECKING:
     from ebrflow.config import Settings

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from ops.metrics import PipelineMetrics
-from ops.promql import dashboard_queries, exported_series, metric_names
+from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.promql import dashboard_queries, exported_series, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ebrflow.stream.broker import EmbeddedBroker
 
 from ebrflow import __version__
 from ebrflow.config import load_settings
 from ebrflow.render import MASK
-from stream.broker import EmbeddedBroker
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,8 +189,8 @@ def test_unknown_user_exits_3(tmp_path: Path) -> None:
     db = tmp_path / "served.db"
     fill = f"""
 import numpy as np
-from indexer.generations import Generations
-from indexer.milvus_store import MilvusStore, connect
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.milvus_store import MilvusStore, connect
 client = connect({str(db)!r})
 store = MilvusStore(client, 8)
 store.use_generation(1)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from indexer.mirror import EmbeddingMirror
-from indexer.publisher import Published
-from ops.drift import DriftMonitor, NoDrift, SignalDetector, cosine_shift, jaccard_rows
+from ebrflow.indexer.mirror import EmbeddingMirror
+from ebrflow.indexer.publisher import Published
+from ebrflow.ops.drift import DriftMonitor, NoDrift, SignalDetector, cosine_shift, jaccard_rows
 
 NO_IDS = np.zeros(0, dtype=np.int64)
 

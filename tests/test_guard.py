@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ebrflow.stream.generator import EventArrays, SyntheticStream
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.replay import events_from_arrays
+from ebrflow.stream.schema import EventCodec
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
-from stream.generator import EventArrays, SyntheticStream
-from stream.kafka_io import make_producer
-from stream.replay import events_from_arrays
-from stream.schema import EventCodec
 
 CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
 CURVE = (10, CLEAN_BEFORE, CLEAN_BEFORE + POISON // 2, CLEAN_BEFORE + POISON, CLEAN_BEFORE + POISON + 15)

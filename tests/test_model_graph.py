@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from model.graph import ITEM, USER, GraphStore, RingBuffers
+from ebrflow.model.graph import ITEM, USER, GraphStore, RingBuffers
 
 
 def arr(*xs):

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
-from model.base import Batch
-from model.encoder import GraphEncoder, NeighbourMean, combine_layers
-from model.graph import USER, EdgeLog, GraphStore
-from model.spectral import normalised, procrustes, spectral_embeddings
-from model.ssmtl import SSMTLModel
+from ebrflow.model.base import Batch
+from ebrflow.model.encoder import GraphEncoder, NeighbourMean, combine_layers
+from ebrflow.model.graph import USER, EdgeLog, GraphStore
+from ebrflow.model.spectral import normalised, procrustes, spectral_embeddings
+from ebrflow.model.ssmtl import SSMTLModel
 
 
 def test_neighbour_mean_layer_has_no_parameters_and_returns_the_mean() -> None:

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
-from model.backfill import backfill
-from model.base import Batch, RetrievalModel
-from model.ssmtl import SSMTLModel
+from ebrflow.model.backfill import backfill
+from ebrflow.model.base import Batch, RetrievalModel
+from ebrflow.model.ssmtl import SSMTLModel
 
 N_COMMUNITIES, USERS_PER, ITEMS_PER = 8, 40, 25
 
@@ -226,9 +225,8 @@ def test_warm_started_refits_rank_like_the_arpack_fit():
 def test_a_failing_svd_never_stops_training(monkeypatch, caplog):
     """ARPACK error 3 (seen once in CI on a small graph) falls back to a dense SVD; any other refit failure keeps
     the previous spectral vectors."""
+    import ebrflow.model.spectral as spectral
     from scipy.sparse.linalg import ArpackError
-
-    import model.spectral as spectral
 
     def arpack_fails(*args, **kwargs):
         raise ArpackError(3)

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
-from model.base import Batch
-from model.ssmtl import SSMTLModel
-from model.tasks import TASKS, GraphMAETask
+from ebrflow.model.base import Batch
+from ebrflow.model.ssmtl import SSMTLModel
+from ebrflow.model.tasks import TASKS, GraphMAETask
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_graphmae_only_masked_roots_drive_the_loss(model):
 
 
 def test_graphmae_masks_every_occurrence_of_a_masked_root(model):
-    from model.views import mask_rows
+    from ebrflow.model.views import mask_rows
 
     sub = model.subgraph(*rows_of(model), seed=5)
     tree = sub.users

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ebrflow.ops.drift import DriftMonitor
+from ebrflow.ops.history import BatchRecord, read_history
+from ebrflow.stream.generator import SyntheticStream
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.replay import events_from_arrays, produce
+
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
-from ops.drift import DriftMonitor
-from ops.history import BatchRecord, read_history
-from stream.generator import SyntheticStream
-from stream.kafka_io import make_producer
-from stream.replay import events_from_arrays, produce
 
 EVENTS, SHIFT_AT, BATCH = 40_000, 20_000, 512
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-
-from ops.history import BatchRecord, HistoryWriter
-from ops.report import make_report, rolling_mean
+from ebrflow.ops.history import BatchRecord, HistoryWriter
+from ebrflow.ops.report import make_report, rolling_mean
 
 START_MS = 1_700_000_000_000
 

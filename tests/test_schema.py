@@ -2,8 +2,7 @@ import math
 
 import msgspec
 import pytest
-
-from stream.schema import REASONS, Event, EventCodec, InvalidEvent
+from ebrflow.stream.schema import REASONS, Event, EventCodec, InvalidEvent
 
 codec = EventCodec(max_bytes=512)
 NOW = 1_700_000_000_000

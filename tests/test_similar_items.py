@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from indexer.milvus_store import MilvusStore, connect
-from indexer.mirror import EmbeddingMirror
-from indexer.query import QueryClient
-from ops.drift import DriftMonitor
+from ebrflow.indexer.milvus_store import MilvusStore, connect
+from ebrflow.indexer.mirror import EmbeddingMirror
+from ebrflow.indexer.query import QueryClient
+from ebrflow.ops.drift import DriftMonitor
 
 N, DIM = 60, 8
 

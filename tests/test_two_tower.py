@@ -6,10 +6,9 @@ import io
 
 import numpy as np
 import torch
-
-from model.base import Batch
-from model.prior import PopularityPrior
-from model.two_tower import TwoTowerModel, finite_step
+from ebrflow.model.base import Batch
+from ebrflow.model.prior import PopularityPrior
+from ebrflow.model.two_tower import TwoTowerModel, finite_step
 
 
 def community_batches(n_batches: int, seed: int = 0) -> list[Batch]:

@@ -1,10 +1,10 @@
 """Training tasks over a sampled batch subgraph, registered by name."""
 
-from model.tasks.base import Subgraph, Task
-from model.tasks.cca_ssg import CCASSGTask
-from model.tasks.graphmae import GraphMAETask
-from model.tasks.infonce import InfoNCETask
-from model.tasks.retrieval import RetrievalTask
+from ebrflow.model.tasks.base import Subgraph, Task
+from ebrflow.model.tasks.cca_ssg import CCASSGTask
+from ebrflow.model.tasks.graphmae import GraphMAETask
+from ebrflow.model.tasks.infonce import InfoNCETask
+from ebrflow.model.tasks.retrieval import RetrievalTask
 
 TASKS: dict[str, type[Task]] = {
     RetrievalTask.name: RetrievalTask,

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from model.encoder import GraphEncoder, Tree
+from ebrflow.model.encoder import GraphEncoder, Tree
 
 
 @dataclass

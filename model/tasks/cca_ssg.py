@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from model.encoder import GraphEncoder
-from model.losses import cca_ssg_loss
-from model.tasks.base import Subgraph, Task
-from model.views import drop_edges, drop_features
+from ebrflow.model.encoder import GraphEncoder
+from ebrflow.model.losses import cca_ssg_loss
+from ebrflow.model.tasks.base import Subgraph, Task
+from ebrflow.model.views import drop_edges, drop_features
 
 
 class CCASSGTask(Task):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from model.encoder import GraphEncoder, MeanAggregation, Tree, masked_mean
-from model.losses import scaled_cosine_error
-from model.tasks.base import Subgraph, Task
-from model.views import mask_rows
+from ebrflow.model.encoder import GraphEncoder, MeanAggregation, Tree, masked_mean
+from ebrflow.model.losses import scaled_cosine_error
+from ebrflow.model.tasks.base import Subgraph, Task
+from ebrflow.model.views import mask_rows
 
 
 class GraphMAETask(Task):

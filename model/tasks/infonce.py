@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from model.encoder import GraphEncoder
-from model.losses import info_nce
-from model.tasks.base import Subgraph, Task
+from ebrflow.model.encoder import GraphEncoder
+from ebrflow.model.losses import info_nce
+from ebrflow.model.tasks.base import Subgraph, Task
 
 
 class InfoNCETask(Task):
