@@ -1,17 +1,16 @@
-"""The one prequential evaluation every method goes through, plus the datasets it replays.
+"""The benchmarks' side of the one prequential evaluation (``ebrflow.ops.prequential`` is its core), plus datasets.
 
-Protocol (identical for every method, the same rule as ``ops.prequential``): events are replayed in time
-order in micro-batches of ``batch_size``. For each batch, *before* the method trains on it, every event whose
-item is new to its user (not in the user's history from earlier batches; repeat pairs are not scored) is
-scored: is the item in the user's top-``k`` over all items seen in earlier batches, with the user's
-already-seen items excluded? A user never seen before scores a miss for every method (nothing to rank
-with). Cold = at most ``cold_max_events`` prior events. Then the method learns the batch.
+Protocol (identical for every method and for the live trainer; ``Prequential`` picks, segments and totals):
+events are replayed in time order in micro-batches of ``batch_size``. For each batch, *before* the method
+trains on it, every event whose item is new to its user (not in the user's history from earlier batches;
+repeat pairs are not scored) is scored: is the item in the user's top-``k`` over all items seen in earlier
+batches, with the user's already-seen items excluded? A user never seen before scores a miss for every method
+(nothing to rank with). Cold = at most ``cold_max_events`` prior events. Then the method learns the batch.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 from ebrflow.model.base import Batch
+from ebrflow.ops.prequential import Evaluation, Prequential, ranks_in, top_k
 from ebrflow.stream.generator import EventArrays
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -92,6 +92,11 @@ class BatchScore:
     ndcg_cold: float
     n_new_user: int
 
+    @classmethod
+    def of(cls, ts_ms: int, ev: Evaluation, n_new_user: int) -> BatchScore:
+        """The row of one batch's ``Evaluation`` (cold = at most ``cold_max_events`` prior events)."""
+        return cls(ts_ms, ev.all.n, ev.all.hits, ev.all.ndcg, ev.cold.n, ev.cold.hits, ev.cold.ndcg, n_new_user)
+
 
 @dataclass
 class StreamResult:
@@ -121,12 +126,11 @@ class StreamResult:
 
 
 class History:
-    """What the evaluation knows from earlier batches: per-user seen items, prior counts, candidate items."""
+    """What the evaluation knows from earlier batches: per-user seen items and the candidate items."""
 
     def __init__(self) -> None:
         self.seen: dict[int, set[int]] = {}
         self.seen_cols: dict[int, list[int]] = {}
-        self.prior: Counter[int] = Counter()
         self.item_col: dict[int, int] = {}
         self.items: list[int] = []
 
@@ -150,18 +154,6 @@ class History:
             if i not in s:
                 s.add(i)
                 self.seen_cols.setdefault(u, []).append(col)
-        self.prior.update(batch.user_ids.tolist())
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of each row's ``k`` best finite scores, best first (-1 pads rows with fewer)."""
-    kk = min(k, scores.shape[1])
-    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    top = np.take_along_axis(part, order, axis=1)
-    top[~np.isfinite(np.take_along_axis(vals, order, axis=1))] = -1
-    return np.pad(top, ((0, 0), (0, k - kk)), constant_values=-1) if kk < k else top
 
 
 def ranks_of(history: History, scorer: Scorer, users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -179,10 +171,7 @@ def ranks_of(history: History, scorer: Scorer, users: np.ndarray, items: np.ndar
     scores[~np.isfinite(scores)] = -np.inf
     top = top_k(scores, k)
     target = np.array([history.item_col.get(i, -2) for i in items[known].tolist()], dtype=np.int64)
-    match = top[inverse] == target[:, None]
-    has = match.any(axis=1)
-    idx = np.flatnonzero(known)
-    ranks[idx[has]] = match[has].argmax(axis=1)
+    ranks[known] = ranks_in(top[inverse], target)
     return ranks
 
 
@@ -201,10 +190,9 @@ def evaluate_stream(
     exactly the same events.
     """
     history, result = History(), StreamResult(scorer.name)
-    for b, batch in enumerate(batches(events, batch_size)):
-        idx = np.flatnonzero(history.novel(batch))
-        if sample is not None and len(idx) > sample:
-            idx = np.sort(np.random.default_rng([seed, b]).choice(idx, sample, replace=False))
+    core = Prequential(k, cold_max_events, sample, seed)
+    for batch in batches(events, batch_size):
+        idx = core.pick(history.novel(batch))
         users, items = batch.user_ids[idx], batch.item_ids[idx]
         t0 = time.perf_counter()
         ranks = ranks_of(history, scorer, users, items, k)
@@ -212,20 +200,7 @@ def evaluate_stream(
         scorer.learn(batch)
         result.learn_s += time.perf_counter() - t1
         result.score_s += t1 - t0
-        cold = np.array([history.prior[u] <= cold_max_events for u in users.tolist()], dtype=bool)
-        hit = ranks >= 0
-        gain = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-        result.per_batch.append(
-            BatchScore(
-                ts_ms=int(batch.ts_ms.max()),
-                n=len(idx),
-                hits=int(hit.sum()),
-                ndcg=float(gain.sum()),
-                n_cold=int(cold.sum()),
-                hits_cold=int(hit[cold].sum()),
-                ndcg_cold=float(gain[cold].sum()),
-                n_new_user=sum(u not in history.seen for u in users.tolist()),
-            )
-        )
+        n_new_user = sum(u not in history.seen for u in users.tolist())
+        result.per_batch.append(BatchScore.of(int(batch.ts_ms.max()), core.record(batch, idx, ranks), n_new_user))
         history.add(batch)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ebrflow.ops.prequential import ranks_in, top_k
 from ebrflow.stream.generator import EventArrays, SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.replay import events_from_arrays
@@ -41,8 +42,8 @@ def served_recall(trainer, probe: EventArrays, k: int = 20) -> float:  # noqa: A
     matrix = np.stack([items[i] for i in ids])
     keep = [j for j, (u, i) in enumerate(zip(probe.user_ids, probe.item_ids)) if int(u) in users and int(i) in items]
     queries = np.stack([users[int(probe.user_ids[j])] for j in keep])
-    top = ids[np.argsort(-(queries @ matrix.T), axis=1)[:, :k]]
-    return float(np.mean([probe.item_ids[j] in top[r] for r, j in enumerate(keep)]))
+    top = ids[top_k(queries @ matrix.T, k)]
+    return float(np.mean(ranks_in(top, probe.item_ids[keep]) >= 0))
 
 
 def max_served_version(trainer) -> int:  # noqa: ANN001

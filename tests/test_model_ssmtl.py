@@ -6,6 +6,7 @@ import torch
 from ebrflow.model.backfill import backfill
 from ebrflow.model.base import Batch, RetrievalModel
 from ebrflow.model.ssmtl import SSMTLModel
+from ebrflow.ops.prequential import ranks_in, top_k
 
 N_COMMUNITIES, USERS_PER, ITEMS_PER = 8, 40, 25
 
@@ -40,8 +41,8 @@ def prequential_recall(model: SSMTLModel, batch: Batch, k: int = 10) -> float:
         return float("nan")
     u = model.user_embeddings(batch.user_ids[sel])
     v = model.item_embeddings(known_items)
-    top = np.argsort(-(u @ v.T), axis=1)[:, :k]
-    return float(np.mean([batch.item_ids[j] in known_items[top[r]] for r, j in enumerate(sel)]))
+    top = known_items[top_k(u @ v.T, k)]
+    return float(np.mean(ranks_in(top, batch.item_ids[sel]) >= 0))
 
 
 def test_implements_protocol_and_reports_tasks():
