@@ -14,14 +14,20 @@ class IdIndex:
     [0, 1, 0]
     >>> idx.lookup(np.array([7])).tolist(), len(idx)
     ([1], 2)
+    >>> big = IdIndex(); _ = big.add(np.arange(3000) * 2)  # past the first buffer: it doubles
+    >>> len(big), big.ids()[-1].item(), big.ids().flags.writeable
+    (3000, 5998, False)
+    >>> again = IdIndex(); again.load_state_dict(big.state_dict()); again.add(np.array([5998, 1])).tolist()
+    [2999, 3000]
     """
 
     def __init__(self) -> None:
         self._rows: dict[int, int] = {}
-        self._ids: list[int] = []
+        self._ids = np.empty(1024, dtype=np.int64)  # row → raw id; capacity doubles, rows beyond len unused
+        self._n = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._n
 
     def __contains__(self, raw_id: int) -> bool:
         return int(raw_id) in self._rows
@@ -30,13 +36,26 @@ class IdIndex:
         """Rows of ``raw_ids``, assigning new rows to ids not seen before."""
         rows = self._rows
         out = np.empty(len(raw_ids), dtype=np.int64)
+        new: list[int] = []
         for i, raw in enumerate(raw_ids.tolist()):
             row = rows.get(raw)
             if row is None:
-                row = rows[raw] = len(self._ids)
-                self._ids.append(raw)
+                row = rows[raw] = self._n + len(new)
+                new.append(raw)
             out[i] = row
+        if new:
+            self._append(np.asarray(new, dtype=np.int64))
         return out
+
+    def _append(self, raw_ids: np.ndarray) -> None:
+        """Write new ids after the used rows, doubling the buffer when full."""
+        end = self._n + len(raw_ids)
+        if end > len(self._ids):
+            grown = np.empty(max(end, 2 * len(self._ids)), dtype=np.int64)
+            grown[: self._n] = self._ids[: self._n]
+            self._ids = grown
+        self._ids[self._n : end] = raw_ids
+        self._n = end
 
     def lookup(self, raw_ids: np.ndarray) -> np.ndarray:
         """Rows of known ids; raises KeyError naming the first unknown id."""
@@ -44,17 +63,20 @@ class IdIndex:
         return np.fromiter((rows[r] for r in raw_ids.tolist()), dtype=np.int64, count=len(raw_ids))
 
     def ids(self) -> np.ndarray:
-        """All known raw ids, in row order."""
-        return np.asarray(self._ids, dtype=np.int64)
+        """All known raw ids, in row order: a read-only view, O(1) (later additions do not show in it)."""
+        view = self._ids[: self._n]
+        view.flags.writeable = False
+        return view
 
     def state_dict(self) -> dict:
         """The ids in row order (enough to rebuild the map)."""
-        return {"ids": torch.from_numpy(self.ids())}
+        return {"ids": torch.from_numpy(self.ids().copy())}
 
     def load_state_dict(self, state: dict) -> None:
         """Rebuild from ``state_dict()``."""
-        self._ids = [int(x) for x in state["ids"].tolist()]
-        self._rows = {raw: row for row, raw in enumerate(self._ids)}
+        ids = state["ids"].numpy().astype(np.int64, copy=True)
+        self._ids, self._n = ids, len(ids)
+        self._rows = {raw: row for row, raw in enumerate(ids.tolist())}
 
 
 class GrowableEmbedding(torch.nn.Module):
