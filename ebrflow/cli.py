@@ -164,7 +164,10 @@ def demo(
 def run(
     config: ConfigOpt = None,
     max_events: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many records.")] = None,  # noqa: UP045
-    idle_exit: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many idle seconds.")] = None,
+    idle_exit: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="Stop after this many seconds without records, counted once partitions are held."),
+    ] = None,
     new_generation: Annotated[
         bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
     ] = False,

@@ -41,6 +41,7 @@ class PartitionGate(ConsumerRebalanceListener):
         self.from_beginning = from_beginning
         self.next_offsets: Offsets = {}
         self.reasons: set[str] = set()
+        self.assignments = 0  # rebalances completed: 0 while the consumer is still joining its group
         self._on_assigned = on_assigned
 
     @property
@@ -89,6 +90,7 @@ class PartitionGate(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Position every assigned partition and re-apply the pause (kafka-python reset both)."""
+        self.assignments += 1
         for tp in assigned:
             self._position(tp)
         if self.paused and assigned:
