@@ -397,7 +397,8 @@ def config_show(
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None) -> None:
-    """Check the settings without side effects (types, keys, environment names, model device and options).
+    """Check the settings without side effects (types, keys, environment names, model device and options, the
+    OAUTHBEARER token provider).
 
     Exits 0 when valid, 78 with one ``error:`` line otherwise. Reachability of Kafka and Milvus is checked by
     the commands that use them.
@@ -406,6 +407,7 @@ def config_validate(config: ConfigOpt = None) -> None:
 
     settings = load_settings(config)
     check_model(settings.model)
+    settings.kafka.client_kwargs()
     typer.echo(f"config ok ({config if config else 'defaults'} + environment)")
 
 

@@ -65,16 +65,17 @@ class KafkaConfig(Section):
     @field_validator("client_config")
     @classmethod
     def _known_client_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        """Every key is a setting of a kafka-python client, and not one ebrflow sets itself."""
-        known = kafka_client_keys()
+        """Every key is a setting of a kafka-python client, and not one ebrflow sets itself; a string given for a
+        number or boolean (an ``EBRFLOW_KAFKA__CLIENT_CONFIG__<KEY>`` variable) becomes one."""
+        defaults = kafka_client_defaults()
         for key in value:
             if key in CLIENT_KEYS_OWNED:
                 raise ValueError(f"{key}: {CLIENT_KEYS_OWNED[key]}")
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
+            if key not in defaults:
+                close = difflib.get_close_matches(key, sorted(defaults), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"{key} is not a setting of kafka-python's consumer, producer or admin client{hint}")
-        return value
+        return {key: _like(key, v, defaults[key]) for key, v in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaConfig:
@@ -148,16 +149,30 @@ CLIENT_KEYS_OWNED = {
 
 
 @functools.cache
-def kafka_client_keys() -> frozenset[str]:
-    """Every setting kafka-python's consumer, producer or admin client accepts (their ``DEFAULT_CONFIG``)."""
+def kafka_client_defaults() -> dict[str, Any]:
+    """Every setting kafka-python's consumer, producer or admin client accepts, with a default (``DEFAULT_CONFIG``)."""
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient
 
-    return (
-        frozenset(KafkaConsumer.DEFAULT_CONFIG)
-        | set(KafkaProducer.DEFAULT_CONFIG)
-        | set(KafkaAdminClient.DEFAULT_CONFIG)
-    )
+    return {**KafkaAdminClient.DEFAULT_CONFIG, **KafkaProducer.DEFAULT_CONFIG, **KafkaConsumer.DEFAULT_CONFIG}
+
+
+def _like(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of a bool, int or float ``default`` when it is a string (environment variables are).
+
+    >>> _like("linger_ms", "20", 5), _like("check_crcs", "false", True), _like("client_rack", "r1", None)
+    (20, False, 'r1')
+    """
+    if not isinstance(value, str) or not isinstance(default, (bool, int, float)):
+        return value
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key}: expected true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{key}: expected {type(default).__name__}") from None
 
 
 class BatchConfig(Section):

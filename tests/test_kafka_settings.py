@@ -77,12 +77,27 @@ def test_unknown_client_config_key_through_the_cli_is_78(tmp_path: Path) -> None
 def test_secrets_are_masked_in_config_show() -> None:
     s = load_settings(
         kafka={"sasl_mechanism": "OAUTHBEARER", "sasl_oauth_token": "tok3n", "ssl_password": "k3y",
-               "client_config": {"sasl_kerberos_name": "svc", "metadata_max_age_ms": 1000}},
+               "client_config": {"proxy_url": "http://u:pr0xy@p:3128", "metadata_max_age_ms": 1000}},
     )  # fmt: skip
     shown = masked(s)["kafka"]
     assert shown["sasl_oauth_token"] == MASK and shown["ssl_password"] == MASK
-    assert shown["client_config"] == {"sasl_kerberos_name": "svc", "metadata_max_age_ms": 1000}
+    assert shown["client_config"] == {"proxy_url": MASK, "metadata_max_age_ms": 1000}
     assert "tok3n" not in repr(s) and "k3y" not in repr(s)
+
+
+def test_client_config_from_the_environment_takes_kafka_pythons_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBRFLOW_KAFKA__CLIENT_CONFIG__LINGER_MS", "20")
+    monkeypatch.setenv("EBRFLOW_KAFKA__CLIENT_CONFIG__CHECK_CRCS", "false")
+    assert load_settings().kafka.client_config == {"linger_ms": 20, "check_crcs": False}
+    monkeypatch.setenv("EBRFLOW_KAFKA__CLIENT_CONFIG__LINGER_MS", "soon")
+    with pytest.raises(ConfigError, match="linger_ms: expected int"):
+        load_settings()
+
+
+def test_config_validate_checks_the_oauth_provider(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[kafka]\nsasl_mechanism = "OAUTHBEARER"\nsasl_oauth_token_provider = "json:dumps"\n')
+    one_error(ebrflow("config", "validate", "-c", str(cfg)), 78, "kafka.sasl_oauth_token_provider", "json:dumps")
 
 
 def test_oauthbearer_providers() -> None:
