@@ -156,7 +156,7 @@ def check_kafka(
     missing = [t for t in topics if t not in existing]
     if missing:
         raise Unavailable(
-            f"topic {', '.join(missing)} not found on Kafka at {bootstrap_servers} and kafka.create_topics is false: "
+            f"Kafka at {bootstrap_servers} has no topic {', '.join(missing)} and kafka.create_topics is false: "
             "create it, or set kafka.create_topics = true"
         )
 

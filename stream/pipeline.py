@@ -365,8 +365,8 @@ class Pipeline:
             self._drop_at = None
 
     def _holding(self) -> bool:
-        """The consumer has joined its group and may train: the idle clock of ``run(idle_exit_s=...)`` runs."""
-        return self._exclusive and self.gate.assignments > 0
+        """The consumer is in its group (not joining or rebalancing) and may train: the idle clock runs."""
+        return self._exclusive and self.gate.joined
 
     def _check_exclusive(self, now: float) -> None:
         """Train only while holding every partition of the topic; refuse after the grace."""
