@@ -228,3 +228,24 @@ def test_idle_exit_does_not_count_the_group_join(settings: Settings, grace: floa
     finally:
         trainer.close()
     assert summary.trained == 300
+
+
+def test_run_idle_exit_trains_waiting_events_through_the_cli(broker: EmbeddedBroker, settings: Settings) -> None:
+    """``ebrflow run --idle-exit 2`` with events waiting and a ~5 s group join (no exclusivity wait either)."""
+    produce_events(settings, 200)
+    data = Path(settings.run.data_dir)
+    env = {
+        "EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "EBRFLOW_KAFKA__TOPIC": settings.kafka.topic,
+        "EBRFLOW_KAFKA__GROUP_ID": settings.kafka.group_id,
+        "EBRFLOW_KAFKA__SESSION_TIMEOUT_MS": "10000",
+        "EBRFLOW_RUN__EXCLUSIVE_GRACE_S": "0",
+        "EBRFLOW_METRICS__PORT": "0",
+        "EBRFLOW_RUN__DATA_DIR": str(data),
+        "EBRFLOW_MILVUS__URI": str(data / "m.db"),
+        "EBRFLOW_MODEL__DEVICE": "cpu",
+        "EBRFLOW_MODEL__DIM": "16",
+    }
+    out = ebrflow("run", "--idle-exit", "2", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "consumed 200 (0 invalid)" in out.stderr, out.stderr[-2000:]
