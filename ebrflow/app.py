@@ -32,7 +32,7 @@ from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.checkpointer import Checkpointer
 from ebrflow.stream.guard import RecallGuard
-from ebrflow.stream.kafka_io import DLQ_SUFFIX, DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from ebrflow.stream.kafka_io import DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from ebrflow.stream.pipeline import Pipeline, RunSummary
 from ebrflow.stream.refresh import RollingRefresh
 from ebrflow.stream.schema import EventCodec
@@ -193,13 +193,16 @@ def build_trainer(
     metrics: PipelineMetrics | None = None,
     new_generation: bool = False,
 ) -> Trainer:
-    """Assemble the pipeline against ``bootstrap_servers`` (topics are created if missing).
+    """Assemble the pipeline against ``bootstrap_servers`` (topics are created if missing and ``kafka.create_topics``).
 
     ``new_generation``: train a new model generation behind the served aliases even when a checkpoint exists.
     """
     k = settings.kafka
     client_kwargs = k.client_kwargs()
-    ensure_topics(bootstrap_servers, {k.topic: k.partitions, k.topic + DLQ_SUFFIX: 1}, client_kwargs)
+    if k.create_topics:
+        ensure_topics(
+            bootstrap_servers, {k.topic: k.partitions, k.dead_letter_topic(): 1}, client_kwargs, k.replication_factor
+        )
     model = model or build_model(settings.model)
     store = open_store(settings)
     publisher = Publisher(store)
@@ -223,7 +226,7 @@ def build_trainer(
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
     )
-    dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.topic)
+    dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.dead_letter_topic())
     batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
     codec = EventCodec(max_bytes=k.max_event_bytes)
     run = settings.run

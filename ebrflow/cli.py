@@ -79,8 +79,12 @@ def _preflight_trainer(settings: Settings) -> None:
 
     check_model(settings.model)
     check_metrics_port(settings.metrics)
-    if settings.kafka.bootstrap_servers:
-        check_kafka(settings.kafka.bootstrap_servers, settings.kafka.client_kwargs())
+    k = settings.kafka
+    if k.bootstrap_servers:
+        topics = () if k.create_topics else (k.topic, k.dead_letter_topic())
+        check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=topics)
+    elif not k.create_topics:
+        raise ConfigError("kafka.create_topics = false needs kafka.bootstrap_servers (the embedded one starts empty)")
     check_milvus(settings.milvus.uri)
 
 
@@ -164,7 +168,10 @@ def demo(
 def run(
     config: ConfigOpt = None,
     max_events: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many records.")] = None,  # noqa: UP045
-    idle_exit: Annotated[Optional[float], typer.Option(min=0, help="Stop after this many idle seconds.")] = None,
+    idle_exit: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="Stop after this many seconds without records, counted once partitions are held."),
+    ] = None,
     new_generation: Annotated[
         bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
     ] = False,
@@ -220,7 +227,7 @@ def replay(
     k = settings.kafka
     if not k.bootstrap_servers:
         raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
-    check_kafka(k.bootstrap_servers, k.client_kwargs())
+    check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=() if k.create_topics else (k.topic,))
     if synthetic:
         d = settings.demo
         stream = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
@@ -231,7 +238,8 @@ def replay(
         total = len(loaded)
     if limit is not None:
         events, total = islice(events, limit), min(total, limit)
-    ensure_topics(k.bootstrap_servers, {k.topic: k.partitions}, k.client_kwargs())
+    if k.create_topics:
+        ensure_topics(k.bootstrap_servers, {k.topic: k.partitions}, k.client_kwargs(), k.replication_factor)
     producer = make_producer(k.bootstrap_servers, k.client_kwargs())
     with _progress() as bar:
         task = bar.add_task(f"replay → {k.topic}", total=total)
@@ -389,7 +397,8 @@ def config_show(
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None) -> None:
-    """Check the settings without side effects (types, keys, environment names, model device and options).
+    """Check the settings without side effects (types, keys, environment names, model device and options, the
+    OAUTHBEARER token provider).
 
     Exits 0 when valid, 78 with one ``error:`` line otherwise. Reachability of Kafka and Milvus is checked by
     the commands that use them.
@@ -398,6 +407,7 @@ def config_validate(config: ConfigOpt = None) -> None:
 
     settings = load_settings(config)
     check_model(settings.model)
+    settings.kafka.client_kwargs()
     typer.echo(f"config ok ({config if config else 'defaults'} + environment)")
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,32 +31,148 @@ class Section(BaseModel):
 
 
 class KafkaConfig(Section):
-    """Where events come from. Empty ``bootstrap_servers`` starts the embedded Tansu broker."""
+    """Where events come from. Empty ``bootstrap_servers`` starts the embedded Tansu broker.
+
+    ``client_config`` passes any other kafka-python setting to each client (consumer, producers, admin) that knows
+    it; keys ebrflow sets itself are refused with the key to use instead (see ``CLIENT_KEYS_OWNED``).
+    """
 
     bootstrap_servers: str = ""
     topic: str = "ebrflow.events"
+    dlq_topic: str = ""  # empty: <topic>.dlq
     group_id: str = "ebrflow-trainer"
+    client_id: str = ""  # empty: kafka-python's default (kafka-python-<version>)
     partitions: int = Field(4, ge=1)
+    replication_factor: int | None = Field(None, ge=1)  # None: the broker's default.replication.factor (KIP-464)
+    create_topics: bool = True  # false: topics must exist (checked before the trainer starts); none is auto-created
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] = ""
     sasl_username: str = ""
     sasl_password: SecretStr = SecretStr("")
+    sasl_oauth_token: SecretStr = SecretStr("")  # OAUTHBEARER: a static token, or ...
+    sasl_oauth_token_provider: str = ""  # ... "module:attr", a kafka-python AbstractTokenProvider (or a factory)
+    sasl_kerberos_service_name: str = "kafka"  # GSSAPI (needs the gssapi package)
+    sasl_kerberos_domain_name: str = ""  # GSSAPI: empty uses the broker's host name
     ssl_cafile: str = ""
+    ssl_certfile: str = ""  # mTLS client certificate (PEM)
+    ssl_keyfile: str = ""  # mTLS client key (PEM)
+    ssl_password: SecretStr = SecretStr("")  # password of ssl_keyfile
+    ssl_check_hostname: bool = True
     session_timeout_ms: int = Field(10_000, ge=1000)
     max_event_bytes: int = Field(64 * 1024, ge=64)
+    client_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("client_config")
+    @classmethod
+    def _known_client_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Every key is a setting of a kafka-python client, and not one ebrflow sets itself; a string given for a
+        number or boolean (an ``EBRFLOW_KAFKA__CLIENT_CONFIG__<KEY>`` variable) becomes one."""
+        defaults = kafka_client_defaults()
+        for key in value:
+            if key in CLIENT_KEYS_OWNED:
+                raise ValueError(f"{key}: {CLIENT_KEYS_OWNED[key]}")
+            if key not in defaults:
+                close = difflib.get_close_matches(key, sorted(defaults), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{key} is not a setting of kafka-python's consumer, producer or admin client{hint}")
+        return {key: _like(key, v, defaults[key]) for key, v in value.items()}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaConfig:
+        """OAUTHBEARER needs exactly one token source; the DLQ is not the events topic."""
+        if self.sasl_mechanism == "OAUTHBEARER" and (
+            bool(self.sasl_oauth_token.get_secret_value()) == bool(self.sasl_oauth_token_provider)
+        ):
+            raise ValueError("sasl_mechanism OAUTHBEARER needs one of sasl_oauth_token or sasl_oauth_token_provider")
+        if self.dead_letter_topic() == self.topic:
+            raise ValueError("dlq_topic must differ from topic")
+        return self
+
+    def dead_letter_topic(self) -> str:
+        """Where rejected records go: ``dlq_topic``, or ``<topic>.dlq``."""
+        return self.dlq_topic or f"{self.topic}.dlq"
 
     def client_kwargs(self) -> dict[str, Any]:
-        """kafka-python security arguments (only those that are set)."""
-        kw: dict[str, Any] = {"security_protocol": self.security_protocol}
+        """kafka-python arguments for every client: security and client id (those that are set), whether topics may
+        be auto-created, then ``client_config``; each client takes the keys it knows (``stream.kafka_io``)."""
+        kw: dict[str, Any] = {
+            "security_protocol": self.security_protocol,
+            "allow_auto_create_topics": self.create_topics,
+        }
+        if self.client_id:
+            kw["client_id"] = self.client_id
         if self.sasl_mechanism:
-            kw.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password.get_secret_value(),
-            )
-        if self.ssl_cafile:
-            kw["ssl_cafile"] = self.ssl_cafile
-        return kw
+            kw["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            kw.update(sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password.get_secret_value())
+        elif self.sasl_mechanism == "OAUTHBEARER":
+            from ebrflow.stream.kafka_auth import token_provider
+
+            try:
+                kw["sasl_oauth_token_provider"] = token_provider(
+                    self.sasl_oauth_token.get_secret_value(), self.sasl_oauth_token_provider
+                )
+            except ValueError as exc:
+                raise ConfigError(f"kafka.sasl_oauth_token_provider: {exc}") from None
+        elif self.sasl_mechanism == "GSSAPI":
+            kw["sasl_kerberos_service_name"] = self.sasl_kerberos_service_name
+            if self.sasl_kerberos_domain_name:
+                kw["sasl_kerberos_domain_name"] = self.sasl_kerberos_domain_name
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, key):
+                kw[key] = getattr(self, key)
+        if self.ssl_password.get_secret_value():
+            kw["ssl_password"] = self.ssl_password.get_secret_value()
+        if not self.ssl_check_hostname:
+            kw["ssl_check_hostname"] = False
+        return {**kw, **self.client_config}
+
+
+# kafka-python settings ebrflow sets itself: client_config refuses them, naming what to use instead
+CLIENT_KEYS_OWNED = {
+    **{key: f"set kafka.{key} instead" for key in (
+        "bootstrap_servers", "group_id", "client_id", "session_timeout_ms", "security_protocol", "sasl_mechanism",
+        "sasl_oauth_token_provider", "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile",
+        "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname")},
+    "sasl_plain_username": "set kafka.sasl_username instead",
+    "sasl_plain_password": "set kafka.sasl_password instead",
+    "heartbeat_interval_ms": "set by ebrflow to a sixth of kafka.session_timeout_ms",
+    "max_partition_fetch_bytes": "set by ebrflow from kafka.max_event_bytes",
+    "allow_auto_create_topics": "set kafka.create_topics instead",
+    "enable_auto_commit": "owned by ebrflow: it commits offsets itself once Milvus has acknowledged a batch",
+    "auto_offset_reset": "owned by ebrflow: partitions start from its checkpoint, else from the earliest offset",
+    "acks": "owned by ebrflow: dead letters are acknowledged by all in-sync replicas before offsets are committed",
+    "transactional_id": "not supported: ebrflow's producers are not transactional",
+    **{key: "owned by ebrflow: it reads and writes raw bytes" for key in (
+        "key_deserializer", "value_deserializer", "key_serializer", "value_serializer")},
+}  # fmt: skip
+
+
+@functools.cache
+def kafka_client_defaults() -> dict[str, Any]:
+    """Every setting kafka-python's consumer, producer or admin client accepts, with a default (``DEFAULT_CONFIG``)."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient
+
+    return {**KafkaAdminClient.DEFAULT_CONFIG, **KafkaProducer.DEFAULT_CONFIG, **KafkaConsumer.DEFAULT_CONFIG}
+
+
+def _like(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of a bool, int or float ``default`` when it is a string (environment variables are).
+
+    >>> _like("linger_ms", "20", 5), _like("check_crcs", "false", True), _like("client_rack", "r1", None)
+    (20, False, 'r1')
+    """
+    if not isinstance(value, str) or not isinstance(default, (bool, int, float)):
+        return value
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key}: expected true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{key}: expected {type(default).__name__}") from None
 
 
 class BatchConfig(Section):

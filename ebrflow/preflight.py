@@ -119,10 +119,17 @@ def check_metrics_port(cfg: MetricsConfig) -> None:
             raise ConfigError(f"metrics.host/port: cannot bind {cfg.host}:{cfg.port} ({exc.strerror})") from None
 
 
-def check_kafka(bootstrap_servers: str, client_kwargs: dict[str, Any], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """A broker of ``bootstrap_servers`` answers a metadata request within ``timeout_s`` (nothing is created)."""
-    from kafka.admin import KafkaAdminClient
+def check_kafka(
+    bootstrap_servers: str,
+    client_kwargs: dict[str, Any],
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    topics: tuple[str, ...] = (),
+) -> None:
+    """A broker of ``bootstrap_servers`` answers a metadata request within ``timeout_s`` and has every one of
+    ``topics`` (nothing is created)."""
     from kafka.errors import KafkaError
+
+    from ebrflow.stream.kafka_io import make_admin
 
     ms = int(timeout_s * 1000)
     kafka_log = logging.getLogger("kafka")
@@ -130,16 +137,14 @@ def check_kafka(bootstrap_servers: str, client_kwargs: dict[str, Any], timeout_s
     kafka_log.setLevel(logging.CRITICAL)  # the failure becomes our one line, not kafka-python's log lines
     try:
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=bootstrap_servers, bootstrap_timeout_ms=ms, request_timeout_ms=ms, **client_kwargs
-            )
+            admin = make_admin(bootstrap_servers, client_kwargs, bootstrap_timeout_ms=ms, request_timeout_ms=ms)
         except KafkaError as exc:
             raise Unavailable(
                 f"Kafka at {bootstrap_servers} (kafka.bootstrap_servers) did not answer within {timeout_s:g} s: "
                 f"{type(exc).__name__}"
             ) from None
         try:
-            admin.list_topics()
+            existing = set(admin.list_topics())
         except KafkaError as exc:
             raise Unavailable(
                 f"Kafka at {bootstrap_servers} refused a metadata request: {type(exc).__name__}"
@@ -148,6 +153,12 @@ def check_kafka(bootstrap_servers: str, client_kwargs: dict[str, Any], timeout_s
             admin.close()
     finally:
         kafka_log.setLevel(level)
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        raise Unavailable(
+            f"Kafka at {bootstrap_servers} has no topic {', '.join(missing)} and kafka.create_topics is false: "
+            "create it, or set kafka.create_topics = true"
+        )
 
 
 def check_milvus(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

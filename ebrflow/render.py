@@ -10,7 +10,7 @@ from typing import Any
 from ebrflow.config import Settings
 
 MASK = "**********"
-_SECRET_NAME = re.compile(r"password|secret|token|credential", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"password|secret|token|credential|proxy", re.IGNORECASE)  # proxy URLs hold logins
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -9,29 +9,69 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
+from kafka.admin import KafkaAdminClient
+from kafka.errors import IncompatibleBrokerVersion, MessageSizeTooLargeError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
-DLQ_SUFFIX = ".dlq"
+
+class OldBroker(RuntimeError):
+    """The broker cannot apply its own default replication factor (CreateTopics v4+, Kafka 2.4+)."""
+
+    exit_code = 78  # EX_CONFIG: set kafka.replication_factor
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int], client_kwargs: dict[str, Any] | None = None) -> None:
-    """Create each topic with its partition count unless it exists (replication factor 1)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_kwargs or {}))
+def settings_for(client: type, client_kwargs: dict[str, Any] | None, **owned: Any) -> dict[str, Any]:
+    """The keys of ``client_kwargs`` that ``client`` (a kafka-python client class) knows, with ``owned`` on top.
+
+    >>> settings_for(KafkaAdminClient, {"client_id": "a", "linger_ms": 9}, bootstrap_servers="b")
+    {'client_id': 'a', 'bootstrap_servers': 'b'}
+    """
+    known = client.DEFAULT_CONFIG
+    return {**{k: v for k, v in (client_kwargs or {}).items() if k in known}, **owned}
+
+
+def make_admin(bootstrap_servers: str, client_kwargs: dict[str, Any] | None = None, **owned: Any) -> KafkaAdminClient:
+    """An admin client with the settings it knows from ``client_kwargs``."""
+    return KafkaAdminClient(
+        **settings_for(KafkaAdminClient, client_kwargs, bootstrap_servers=bootstrap_servers, **owned)
+    )
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    client_kwargs: dict[str, Any] | None = None,
+    replication_factor: int | None = None,
+) -> dict[str, int]:
+    """Create each topic with its partition count unless it exists; returns the created topics' replication factors.
+
+    ``replication_factor`` None asks for the broker's ``default.replication.factor`` (KIP-464: -1 in CreateTopics
+    v4+, Kafka 2.4+); the factor the broker applied is logged as it reports it (CreateTopics v5+).
+    """
+    admin = make_admin(bootstrap_servers, client_kwargs)
+    created: dict[str, int] = {}
     try:
         existing = set(admin.list_topics())
         for name, partitions in topics.items():
             if name in existing:
                 continue
+            spec = {"num_partitions": partitions, "replication_factor": replication_factor or -1}
             try:
-                admin.create_topics([NewTopic(name, partitions, 1)])
-                log.info("created topic %s with %d partitions", name, partitions)
+                reply = admin.create_topics({name: spec})
             except TopicAlreadyExistsError:
-                pass
+                continue
+            except IncompatibleBrokerVersion:
+                raise OldBroker(
+                    f"Kafka at {bootstrap_servers} is older than 2.4 and cannot apply its default replication factor "
+                    "to new topics: set kafka.replication_factor"
+                ) from None
+            factor = next((t.get("replication_factor", -1) for t in reply["topics"] if t["name"] == name), -1)
+            created[name] = factor if factor > 0 else spec["replication_factor"]
+            log.info("created topic %s: %d partitions, replication factor %d", name, partitions, created[name])
     finally:
         admin.close()
+    return created
 
 
 def make_consumer(
@@ -43,24 +83,27 @@ def make_consumer(
 ) -> KafkaConsumer:
     """A group consumer with manual commits that starts from the earliest uncommitted offset."""
     return KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=session_timeout_ms,
-        heartbeat_interval_ms=max(session_timeout_ms // 6, 100),
-        max_partition_fetch_bytes=max_partition_fetch_bytes,
-        **(client_kwargs or {}),
+        **settings_for(
+            KafkaConsumer,
+            client_kwargs,
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(session_timeout_ms // 6, 100),
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+        )
     )
 
 
 def make_producer(
     bootstrap_servers: str, client_kwargs: dict[str, Any] | None = None, **overrides: Any
 ) -> KafkaProducer:
-    """A producer that waits for all in-sync replicas and batches for a few ms."""
-    settings: dict[str, Any] = {"acks": "all", "linger_ms": 5, "retries": 5}
-    settings.update(overrides)
-    return KafkaProducer(bootstrap_servers=bootstrap_servers, **settings, **(client_kwargs or {}))
+    """A producer that waits for all in-sync replicas and batches for a few ms (``client_kwargs`` may change
+    ``linger_ms`` and ``retries``, not ``acks``)."""
+    settings = {"linger_ms": 5, "retries": 5, **settings_for(KafkaProducer, client_kwargs), "acks": "all"}
+    return KafkaProducer(bootstrap_servers=bootstrap_servers, **{**settings, **overrides})
 
 
 LETTER_MARGIN = 4096  # bytes left for the record batch framing the producer and broker add
@@ -97,7 +140,8 @@ def fit_letter(
 
 
 class DeadLetterWriter:
-    """Sends rejected records to ``<topic>.dlq`` with the original key/bytes and headers naming why and where from.
+    """Sends rejected records to ``topic`` (the dead-letter topic, ``kafka.dlq_topic``) with the original key/bytes
+    and headers naming why and where from.
 
     Headers: ``ebrflow.reason`` (one of stream.schema.REASONS), ``ebrflow.detail``, ``ebrflow.source.topic``,
     ``ebrflow.source.partition`` and ``ebrflow.source.offset``; a letter that would exceed the producer's
@@ -109,7 +153,7 @@ class DeadLetterWriter:
     def __init__(self, producer_factory: Callable[[], KafkaProducer], topic: str) -> None:
         self.producer_factory = producer_factory
         self.producer = producer_factory()
-        self.topic = topic + DLQ_SUFFIX
+        self.topic = topic
         self._pending: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
         self._futures: list = []
 

@@ -41,6 +41,7 @@ class PartitionGate(ConsumerRebalanceListener):
         self.from_beginning = from_beginning
         self.next_offsets: Offsets = {}
         self.reasons: set[str] = set()
+        self.joined = False  # between an assignment and the next revocation: the group is not (re)forming
         self._on_assigned = on_assigned
 
     @property
@@ -85,10 +86,12 @@ class PartitionGate(ConsumerRebalanceListener):
         return n
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Nothing to undo: taken records are trained by this process; positions are kept for re-assignment."""
+        """A rebalance starts (nothing to undo: taken records are trained here; positions are kept)."""
+        self.joined = False
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Position every assigned partition and re-apply the pause (kafka-python reset both)."""
+        self.joined = True
         for tp in assigned:
             self._position(tp)
         if self.paused and assigned:

@@ -223,7 +223,8 @@ class Pipeline:
         }
 
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
-        """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records."""
+        """Consume until ``stop()``, ``max_events`` records, or ``idle_exit_s`` without records once the consumer
+        holds its partitions (the group join and the wait for the whole topic are not idle time)."""
         start = time.monotonic()
         self.sink = MilvusSink(
             self.publisher.store,
@@ -246,9 +247,10 @@ class Pipeline:
                     break  # (with 0: restore, sync Milvus once the topic is ours, and stop)
                 n = self._poll_once(max_events)
                 now = time.monotonic()
-                if n or not self._exclusive:  # waiting for the whole topic is not idleness
-                    last_record = now
+                holding = self._holding()
                 self._check_exclusive(now)
+                if n or not holding:  # joining the group, waiting for the topic, syncing Milvus: not idleness
+                    last_record = now = time.monotonic()
                 self._collect()
                 self._maybe_switch(now)
                 self._backpressure()
@@ -361,6 +363,10 @@ class Pipeline:
         if self._drop_at is not None and now >= self._drop_at:
             self._retrying("publish", lambda: gens.drop_older(self.publisher.store.generation))
             self._drop_at = None
+
+    def _holding(self) -> bool:
+        """The consumer is in its group (not joining or rebalancing) and may train: the idle clock runs."""
+        return self._exclusive and self.gate.joined
 
     def _check_exclusive(self, now: float) -> None:
         """Train only while holding every partition of the topic; refuse after the grace."""
