@@ -3,6 +3,7 @@ named by an alert, a dashboard panel or the catalogue exists in ops/metrics.py."
 
 from __future__ import annotations
 
+import doctest
 import itertools
 import json
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from ebrflow.ops.metrics import PipelineMetrics
-from ebrflow.ops.promql import dashboard_queries, exported_series, metric_names
+
+import tests.promql
+from tests.promql import dashboard_queries, exported_series, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -121,6 +124,20 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
     assert EXPECTED_ALERTS - fires == set(), "alerts without a firing case"
     assert EXPECTED_ALERTS - silent == set(), "alerts without a silent case"
     assert (fires | silent) <= EXPECTED_ALERTS, "tests for alerts that do not exist"
+
+
+def test_promql_support_examples() -> None:
+    # tests/promql.py is test support, outside the installed package that tests/test_doctests.py walks.
+    result = doctest.testmod(tests.promql)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_metric_names_come_from_a_parse_tree() -> None:
+    # Names inside strings, label matchers, grouping clauses and subqueries are not series; bad PromQL is an error.
+    expr = 'sum by (job) (rate(a_total{job=~"b|c"}[5m:1m])) / on (job) group_left count(up{le="d"} @ 10) unless e'
+    assert metric_names(expr) == {"a_total", "up", "e"}
+    with pytest.raises(ValueError):
+        metric_names("rate(a_total[5m]")
 
 
 def test_known_series_account_for_type_suffixes() -> None:
