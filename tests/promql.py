@@ -75,16 +75,19 @@ def _walk_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from _walk_panels(panel.get("panels", []))
 
 
-def dashboard_queries(path: str | Path = DASHBOARD, *, rate_interval: str = "1m") -> list[tuple[str, str]]:
+def dashboard_queries(
+    path: str | Path = DASHBOARD, *, rate_interval: str = "1m", variables: bool = True
+) -> list[tuple[str, str]]:
     """Every PromQL expression in a Grafana dashboard as ``(panel title, expr)``, in panel order.
 
     Grafana macros (``$__rate_interval``, ``$__interval``, ``$__range``) are replaced by concrete durations
     (``rate_interval`` for the first) and ``$job``/``$instance`` by ``.*`` (their "All" value), so each
-    returned expression is plain PromQL that Prometheus accepts.
+    returned expression is plain PromQL that Prometheus accepts (``variables=False`` keeps ``$job``/``$instance``:
+    they sit in label matcher strings, so the expression still parses).
     Hidden targets are included; targets without an ``expr`` (other datasources) are skipped.
     """
     dashboard = json.loads(Path(path).read_text(encoding="utf-8"))
-    macros = {**grafana_macros(rate_interval=rate_interval), **DASHBOARD_VARIABLES}
+    macros = {**grafana_macros(rate_interval=rate_interval), **(DASHBOARD_VARIABLES if variables else {})}
     macros = dict(sorted(macros.items(), key=lambda kv: -len(kv[0])))
     queries: list[tuple[str, str]] = []
     for panel in _walk_panels(dashboard.get("panels", [])):
@@ -116,6 +119,24 @@ def metric_names(expr: str) -> set[str]:
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return names
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """Each series selector of a PromQL expression: its metric name and its label matchers as ``label op value``.
+
+    >>> selectors('rate(a_total{job=~"$job"}[5m]) / b')
+    [('a_total', {'job =~ $job'}), ('b', set())]
+    """
+    ops = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
+    found: list[tuple[str, set[str]]] = []
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matchers = {f"{m.name} {ops[str(m.op)]} {m.value}" for m in node.matchers.matchers}
+            found.append((node.name or "", matchers))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
 
 
 # Series names each metric type exposes, by suffix (prometheus_client with _created samples disabled).
@@ -334,6 +355,10 @@ class PrometheusServer:
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """The values of ``label`` on series matching ``match`` (what Grafana's ``label_values()`` asks)."""
+        return list(self._get(f"/api/v1/label/{label}/values", {"match[]": match}))
 
     def scrapes(self) -> int:
         """How many scrapes of the target Prometheus has recorded (successful or not)."""

@@ -17,7 +17,7 @@ import yaml
 from ebrflow.ops.metrics import PipelineMetrics
 
 import tests.promql
-from tests.promql import dashboard_queries, exported_series, metric_names
+from tests.promql import dashboard_queries, exported_series, metric_names, selectors
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -236,11 +236,45 @@ def test_dashboard_is_well_formed_and_has_the_required_panels() -> None:
     assert not missing, f"dashboard lacks panels: {missing}"
 
 
+def test_dashboard_takes_its_datasource_job_and_instance_from_variables() -> None:
+    # File provisioning does not substitute __inputs, so the datasource is a `datasource` variable (the default
+    # Prometheus); job and instance list what runs ebrflow (ebrflow_build_info), "All" by default.
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "instance"]
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name, query in (("job", "label_values(ebrflow_build_info, job)"),
+                        ("instance", 'label_values(ebrflow_build_info{job=~"$job"}, instance)')):  # fmt: skip
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["query"] == variable["definition"] == query
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        for source in [panel["datasource"], *(target["datasource"] for target in panel["targets"])]:
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+
+
+def test_every_dashboard_selector_filters_job_and_instance() -> None:
+    queries = dashboard_queries(DASHBOARD, variables=False)
+    unfiltered = [
+        f"{title}: {name}"
+        for title, expr in queries
+        for name, matchers in selectors(expr)
+        if not {'job =~ $job', 'instance =~ $instance'} <= matchers or any(m.startswith("job = ") for m in matchers)
+    ]
+    assert not unfiltered, f"selectors without job=~\"$job\", instance=~\"$instance\": {unfiltered}"
+    assert len(queries) >= len(REQUIRED_PANELS)
+
+
 def test_histogram_quantiles_read_bucket_series() -> None:
     # histogram_quantile over anything but a _bucket rate (grouped by le) is a silent mistake.
     for title, expr in dashboard_queries(DASHBOARD):
         for call in re.findall(r"histogram_quantile\((.*?)\)\)\)", expr, re.DOTALL):
-            assert "_bucket[" in call and re.search(r"by \((le|le, \w+)\)", call), f"{title}: {expr}"
+            assert re.search(r"_bucket(\{[^}]*\})?\[", call), f"{title}: {expr}"
+            assert re.search(r"by \((le|le, \w+)\)", call), f"{title}: {expr}"
 
 
 def test_catalogue_documents_every_metric_and_no_other() -> None:
