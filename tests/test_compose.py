@@ -3,7 +3,8 @@
 No Docker is needed (there is no container engine here): the file is validated against the Compose Specification
 by ``compose-spec`` (bindings of the Rust ``compose_spec`` crate: unknown keys, wrong types, bad durations, ports
 and enum values are errors) and cross-checked here (service names, ports, mounts, volumes, dependencies), which
-that validator does not do.
+that validator does not do. Not Debian's ``docker-compose`` 1.29 (``config -q``): unmaintained since 2021, an apt
+package for CI, and it rejects the top-level ``name:`` that gives the stack's volumes their ``ebrflow_`` prefix.
 """
 
 from __future__ import annotations
