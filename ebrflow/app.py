@@ -28,6 +28,7 @@ from ebrflow.ops.history import HistoryWriter
 from ebrflow.ops.metrics import PipelineMetrics
 from ebrflow.ops.observer import MetricsObserver
 from ebrflow.ops.prequential import PrequentialEvaluator
+from ebrflow.ops.status import StatusLine
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.checkpointer import Checkpointer
@@ -222,14 +223,15 @@ def build_trainer(
     drift = DriftMonitor(
         publisher.items, k=settings.metrics.recall_k, every=10, prior_coordinate=settings.model.popularity_half_life > 0
     )
-    observer = MetricsObserver(metrics, evaluator, drift=drift, history=history)
+    run = settings.run
+    status = StatusLine(metrics, run.status_interval_s, settings.metrics.recall_k) if run.status_interval_s else None
+    observer = MetricsObserver(metrics, evaluator, drift=drift, history=history, status=status)
     consumer = make_consumer(
         bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
     )
     dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.dead_letter_topic())
     batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
     codec = EventCodec(max_bytes=k.max_event_bytes)
-    run = settings.run
     checkpointer = None
     if run.checkpoints:
         store_dir = Path(run.data_dir) / "checkpoints"

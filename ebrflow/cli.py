@@ -22,8 +22,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
-from ebrflow import __version__
+from ebrflow import __version__, logs
 from ebrflow.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from ebrflow.preflight import EX_UNKNOWN_USER, EX_USAGE, Unavailable
 
@@ -31,6 +32,7 @@ app = typer.Typer(
     help="Streaming, incremental training of embedding-based retrieval.", no_args_is_help=True, add_completion=False
 )
 console = Console(stderr=True)
+log = logging.getLogger("ebrflow.cli")
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -45,6 +47,19 @@ class DataFormat(str, Enum):
     snap = "snap"
     csv = "csv"
     jsonl = "jsonl"
+
+
+class LogFormat(str, Enum):
+    """Log line formats (``run.log_format``)."""
+
+    text = "text"
+    json = "json"
+
+
+LogFormatOpt = Annotated[
+    Optional[LogFormat],  # noqa: UP045
+    typer.Option("--log-format", help="Log lines as text or JSON objects (default: run.log_format)."),
+]
 
 
 class ShowFormat(str, Enum):
@@ -88,13 +103,28 @@ def _preflight_trainer(settings: Settings) -> None:
     check_milvus(settings.milvus.uri)
 
 
-def _settings(config: Path | None, **overrides: object) -> Settings:
-    settings = load_settings(config, **overrides) if overrides else load_settings(config)
-    logging.basicConfig(level=settings.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)
-    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # Milvus Lite logs unimplemented RPCs it does not need
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not a problem
+def _settings(config: Path | None, log_format: LogFormat | None = None) -> Settings:
+    """Settings from ``config`` and the environment, with ``--log-format`` over ``run.log_format``; sets up logging."""
+    try:
+        settings = load_settings(config)
+    except ConfigError:
+        if log_format is not None:  # the error line follows the requested format too
+            logs.configure("INFO", log_format.value)
+        raise
+    if log_format is not None:
+        settings = settings.model_copy(
+            update={"run": settings.run.model_copy(update={"log_format": log_format.value})}
+        )
+    logs.configure(settings.run.log_level, settings.run.log_format)
     return settings
+
+
+def _say(message: str) -> None:
+    """A result line for the operator: printed, or logged (INFO, plain text) when logs are JSON lines."""
+    if logs.json_mode():
+        log.info(Text.from_markup(message).plain)
+    else:
+        console.print(message)
 
 
 def _progress() -> Progress:
@@ -112,6 +142,7 @@ def _progress() -> Progress:
 def demo(
     config: ConfigOpt = None,
     events: Annotated[Optional[int], typer.Option(min=1, help="Synthetic events to stream.")] = None,  # noqa: UP045
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the whole path on embedded defaults: Tansu broker, synthetic stream, trainer, Milvus Lite, /metrics."""
     from ebrflow.app import build_trainer, kafka_endpoint
@@ -119,7 +150,7 @@ def demo(
     from ebrflow.stream.kafka_io import make_producer
     from ebrflow.stream.replay import events_from_arrays, produce
 
-    settings = _settings(config)
+    settings = _settings(config, log_format)
     _preflight_trainer(settings)
     n = events or settings.demo.events
     data_dir = Path(settings.run.data_dir) / "demo"
@@ -142,16 +173,14 @@ def demo(
             args=(producer, settings.kafka.topic, events_from_arrays(stream.chunks(n), restamp=now_ms)),
         )
         sender.start()
-        console.print(
-            f"demo: streaming {n:,} synthetic events through {servers}; metrics on port {trainer.metrics_port}"
-        )
+        _say(f"demo: streaming {n:,} synthetic events through {servers}; metrics on port {trainer.metrics_port}")
         try:
             summary = trainer.run(max_events=n, idle_exit_s=60)
         finally:
             trainer.close()
             producer.close(timeout=5)
     k = settings.metrics.recall_k
-    console.print(
+    _say(
         f"[bold green]demo done[/]: {summary.consumed:,} events "
         f"({summary.trained:,} trained, {summary.invalid} invalid) "
         f"in {summary.seconds:.1f} s = {summary.events_per_s:,.0f} events/s; {summary.batches} batches\n"
@@ -175,11 +204,12 @@ def run(
     new_generation: Annotated[
         bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
     ] = False,
+    log_format: LogFormatOpt = None,
 ) -> None:  # noqa: UP045
     """Run the trainer: consume the topic, train, publish to Milvus, serve metrics, until stopped."""
     from ebrflow.app import build_trainer, kafka_endpoint
 
-    settings = _settings(config)
+    settings = _settings(config, log_format)
     _preflight_trainer(settings)
     with kafka_endpoint(settings) as servers:
         trainer = build_trainer(settings, servers, new_generation=new_generation)
@@ -187,7 +217,7 @@ def run(
             summary = trainer.run(max_events=max_events, idle_exit_s=idle_exit)
         finally:
             trainer.close()
-    console.print(
+    _say(
         f"consumed {summary.consumed:,} ({summary.invalid} invalid) in {summary.seconds:.1f} s, "
         f"Recall@{settings.metrics.recall_k} {summary.extra['recall']:.3f}"
     )
@@ -257,6 +287,7 @@ def backfill(
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the file.")] = 3,
     force: Annotated[bool, typer.Option(help="Replace existing checkpoints (e.g. of a live run).")] = False,
     config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Bootstrap a model offline from a file, then save it as the checkpoint `ebrflow run` starts from.
 
@@ -272,17 +303,15 @@ def backfill(
     from ebrflow.stream.checkpointer import Checkpointer
     from ebrflow.stream.replay import as_arrays, read_events
 
-    settings = _settings(config)
+    settings = _settings(config, log_format)
     from ebrflow.preflight import check_model
 
     check_model(settings.model)
     store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
     if store.paths() and not force:
-        console.print(
-            f"error: {store.directory} already holds checkpoints (the state `ebrflow run` restores); "
-            "a backfill would replace it. Pass --force to do so, or use another run.data_dir.",
-            markup=False,
-            soft_wrap=True,
+        _error(
+            f"{store.directory} already holds checkpoints (the state `ebrflow run` restores); "
+            "a backfill would replace it. Pass --force to do so, or use another run.data_dir."
         )
         raise typer.Exit(78)
     events = as_arrays(read_events(path, fmt.value))
@@ -294,14 +323,15 @@ def backfill(
             yield Batch.of(events.user_ids[start:stop], events.item_ids[start:stop], ts_ms=events.ts_ms[start:stop])
 
     model = build_model(settings.model)
-    summary = run_backfill(model, batches, epochs, progress=console.is_terminal, total_batches=-(-len(events) // size))
+    bar = console.is_terminal and not logs.json_mode()
+    summary = run_backfill(model, batches, epochs, progress=bar, total_batches=-(-len(events) // size))
     seen = SeenItems(settings.milvus.seen_capacity)
     seen.add(events.user_ids, events.item_ids)
     Checkpointer(store, model, seen, fingerprint=model_fingerprint(settings.model)).batch_done(
         {}, force=True, source="backfill"
     )
     losses = ", ".join(f"{x:.3f}" for x in summary.epoch_losses)
-    console.print(
+    _say(
         f"backfilled {len(events):,} events × {summary.epochs} epochs in {summary.seconds:.1f} s "
         f"(loss per epoch: {losses}); checkpoint at model version {model.version} in {store.directory}"
     )
@@ -412,7 +442,11 @@ def config_validate(config: ConfigOpt = None) -> None:
 
 
 def _error(message: str) -> None:
-    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    """One ``error:`` line on stderr (an ERROR record once logs are JSON lines)."""
+    if logs.json_mode():
+        log.error(message)
+    else:
+        console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _click_errors(name: str) -> tuple[type[BaseException], ...]:

@@ -243,6 +243,8 @@ class RunConfig(Section):
     exclusive_grace_s: float = Field(60.0, ge=0)  # refuse to train without the whole topic after this; 0: off
     audit_log: bool = False  # append "topic partition first last" per trained batch to <data_dir>/processed.log
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (ts, level, logger, message, fields)
+    status_interval_s: float = Field(30.0, ge=0)  # a status line from the loop this often; 0: none
 
     @field_validator("log_level")
     @classmethod

@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from ebrflow.stream.schema import REASONS
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 disable_created_metrics()
@@ -30,11 +40,18 @@ DISTANCE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5
 
 
 class PipelineMetrics:
-    """The trainer's metrics, registered on one ``CollectorRegistry`` (a fresh one per test)."""
+    """The trainer's metrics, registered on one ``CollectorRegistry`` (a fresh one per test).
+
+    A fresh registry has none of prometheus-client's default collectors, so the standard ``process_*``
+    (CPU, memory, open fds), ``python_gc_*`` and ``python_info`` series are registered on it here.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.events_consumed = Counter(
             "ebrflow_events_consumed", "Records read from the events topic (valid or not).", registry=r
         )

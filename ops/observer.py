@@ -12,6 +12,7 @@ from ebrflow.ops.drift import NoDrift, cosine_shift
 from ebrflow.ops.history import BatchRecord, HistoryWriter
 from ebrflow.ops.metrics import PipelineMetrics
 from ebrflow.ops.prequential import Evaluation, PrequentialEvaluator
+from ebrflow.ops.status import StatusLine
 from ebrflow.stream.pipeline import BatchResult
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,13 @@ class MetricsObserver:
         drift: object | None = None,
         history: HistoryWriter | None = None,
         recent_batches: int = 20,
+        status: StatusLine | None = None,
     ) -> None:
         self.metrics = metrics
         self.evaluator = evaluator
         self.drift = drift or NoDrift()
         self.history = history
+        self.status = status
         self._batches = 0
         self._last: Evaluation | None = None
         self._errors: dict[str, bool] = {}
@@ -182,6 +185,11 @@ class MetricsObserver:
         self.metrics.variant_evaluated.labels(name).inc(evaluated)
         for stage, secs in seconds.items():
             self.metrics.variant_seconds.labels(name, stage).inc(secs)
+
+    def on_tick(self, now: float) -> None:
+        """Log the periodic status line when it is due."""
+        if self.status is not None:
+            self.status.maybe_log(now)
 
     def on_generation(self, served: int | None, writing: int) -> None:
         """Record the served and the written Milvus generation (0: none served yet)."""

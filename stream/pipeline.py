@@ -81,6 +81,9 @@ class Observer(Protocol):
     def on_variant(self, name: str, hits: int, evaluated: int, seconds: dict[str, float]) -> None:
         """A shadow variant scored (hits of evaluated events), trained on and published one batch."""
 
+    def on_tick(self, now: float) -> None:
+        """The loop is alive at monotonic time ``now`` (every iteration, and while waiting out a retry)."""
+
 
 @dataclass
 class RunSummary:
@@ -257,6 +260,7 @@ class Pipeline:
                 if self.batcher.due() and self.sink.has_room():
                     self._process()
                 self._report_lag(now)
+                self.observer.on_tick(now)
                 if (
                     idle_exit_s is not None
                     and now - last_record > idle_exit_s
@@ -634,6 +638,7 @@ class Pipeline:
         """Sleep up to ``seconds`` (less if stopped) while polling to keep the group membership alive."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self.stop_event.is_set():
+            self.observer.on_tick(time.monotonic())  # status lines go on during an outage
             try:
                 polled = self.consumer.poll(timeout_ms=200, max_records=1)
             except KafkaError:

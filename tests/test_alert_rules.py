@@ -3,6 +3,7 @@ named by an alert, a dashboard panel or the catalogue exists in ops/metrics.py."
 
 from __future__ import annotations
 
+import doctest
 import itertools
 import json
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from ebrflow.ops.metrics import PipelineMetrics
-from ebrflow.ops.promql import dashboard_queries, exported_series, metric_names
+
+import tests.promql
+from tests.promql import dashboard_queries, exported_series, metric_names, selectors
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -23,6 +26,7 @@ ALERTS = PROM_DIR / "alerts.yml"
 ALERT_TESTS = PROM_DIR / "alerts_test.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ebrflow.json"
 CATALOGUE = ROOT / "docs" / "metrics.md"
+README = ROOT / "README.md"
 
 EXPECTED_ALERTS = {
     "RecallDropped", "DriftDetected", "ConsumerLagGrowing", "NoPublish", "DLQRateHigh", "TrainerDown",
@@ -110,6 +114,43 @@ def test_every_alert_has_severity_and_text(rule: dict) -> None:
     assert len(rule["annotations"]["description"].strip()) > 40
 
 
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation but ``-`` and ``_`` dropped, spaces
+    to ``-``, and ``-1``, ``-2`` … on repeats; headings inside code fences are not headings."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        match = None if fenced else re.match(r"#{1,6}\s+(.+?)\s*#*\s*$", line)
+        if match:
+            base = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            anchor, n = base, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{base}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_github_anchors_follow_githubs_rules() -> None:
+    text = "# A Title\n## Runbook: TrainerDown\n```\n# not a heading\n```\n## Runbook: TrainerDown\n### `x_y` (z)!\n"
+    assert github_anchors(text) == {"a-title", "runbook-trainerdown", "runbook-trainerdown-1", "x_y-z"}
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
+def test_every_alert_links_its_runbook_section(rule: dict) -> None:
+    url = rule["annotations"]["runbook_url"]
+    assert url == f"README.md#runbook-{rule['alert'].lower()}"
+    path, anchor = url.split("#")
+    assert anchor in github_anchors((ROOT / path).read_text(encoding="utf-8")), f"no README heading for #{anchor}"
+
+
+def test_runbook_sections_are_only_for_alerts_that_exist() -> None:
+    runbooks = {a for a in github_anchors(README.read_text(encoding="utf-8")) if a.startswith("runbook-")}
+    assert runbooks == {f"runbook-{name.lower()}" for name in EXPECTED_ALERTS}
+
+
 def test_every_alert_is_tested_firing_and_silent() -> None:
     tests = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))
     assert tests["rule_files"] == [ALERTS.name]
@@ -121,6 +162,20 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
     assert EXPECTED_ALERTS - fires == set(), "alerts without a firing case"
     assert EXPECTED_ALERTS - silent == set(), "alerts without a silent case"
     assert (fires | silent) <= EXPECTED_ALERTS, "tests for alerts that do not exist"
+
+
+def test_promql_support_examples() -> None:
+    # tests/promql.py is test support, outside the installed package that tests/test_doctests.py walks.
+    result = doctest.testmod(tests.promql)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_metric_names_come_from_a_parse_tree() -> None:
+    # Names inside strings, label matchers, grouping clauses and subqueries are not series; bad PromQL is an error.
+    expr = 'sum by (job) (rate(a_total{job=~"b|c"}[5m:1m])) / on (job) group_left count(up{le="d"} @ 10) unless e'
+    assert metric_names(expr) == {"a_total", "up", "e"}
+    with pytest.raises(ValueError):
+        metric_names("rate(a_total[5m]")
 
 
 def test_known_series_account_for_type_suffixes() -> None:
@@ -181,17 +236,51 @@ def test_dashboard_is_well_formed_and_has_the_required_panels() -> None:
     assert not missing, f"dashboard lacks panels: {missing}"
 
 
+def test_dashboard_takes_its_datasource_job_and_instance_from_variables() -> None:
+    # File provisioning does not substitute __inputs, so the datasource is a `datasource` variable (the default
+    # Prometheus); job and instance list what runs ebrflow (ebrflow_build_info), "All" by default.
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", "instance"]
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name, query in (("job", "label_values(ebrflow_build_info, job)"),
+                        ("instance", 'label_values(ebrflow_build_info{job=~"$job"}, instance)')):  # fmt: skip
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["query"] == variable["definition"] == query
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        for source in [panel["datasource"], *(target["datasource"] for target in panel["targets"])]:
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+
+
+def test_every_dashboard_selector_filters_job_and_instance() -> None:
+    queries = dashboard_queries(DASHBOARD, variables=False)
+    unfiltered = [
+        f"{title}: {name}"
+        for title, expr in queries
+        for name, matchers in selectors(expr)
+        if not {'job =~ $job', 'instance =~ $instance'} <= matchers or any(m.startswith("job = ") for m in matchers)
+    ]
+    assert not unfiltered, f"selectors without job=~\"$job\", instance=~\"$instance\": {unfiltered}"
+    assert len(queries) >= len(REQUIRED_PANELS)
+
+
 def test_histogram_quantiles_read_bucket_series() -> None:
     # histogram_quantile over anything but a _bucket rate (grouped by le) is a silent mistake.
     for title, expr in dashboard_queries(DASHBOARD):
         for call in re.findall(r"histogram_quantile\((.*?)\)\)\)", expr, re.DOTALL):
-            assert "_bucket[" in call and re.search(r"by \((le|le, \w+)\)", call), f"{title}: {expr}"
+            assert re.search(r"_bucket(\{[^}]*\})?\[", call), f"{title}: {expr}"
+            assert re.search(r"by \((le|le, \w+)\)", call), f"{title}: {expr}"
 
 
 def test_catalogue_documents_every_metric_and_no_other() -> None:
     text = CATALOGUE.read_text(encoding="utf-8")
     series = known_series()
-    families = set(series.values())
+    families = {family for family in series.values() if family.startswith("ebrflow_")}  # not process_*, python_*
     documented = set(re.findall(r"`(ebrflow_\w+)`", text))
     # A family is documented by its own name or by one of its series (e.g. `x_total`).
     missing = sorted(families - {series.get(name, name) for name in documented})

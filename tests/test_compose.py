@@ -1,6 +1,10 @@
-"""docker-compose.yml agrees with itself and with deploy/ebrflow.toml, Prometheus and Grafana provisioning.
+"""docker-compose.yml is valid Compose and agrees with deploy/ebrflow.toml, Prometheus and Grafana provisioning.
 
-No Docker is needed: the files are parsed and cross-checked (service names, ports, mounts, volumes).
+No Docker is needed (there is no container engine here): the file is validated against the Compose Specification
+by ``compose-spec`` (bindings of the Rust ``compose_spec`` crate: unknown keys, wrong types, bad durations, ports
+and enum values are errors) and cross-checked here (service names, ports, mounts, volumes, dependencies), which
+that validator does not do. Not Debian's ``docker-compose`` 1.29 (``config -q``): unmaintained since 2021, an apt
+package for CI, and it rejects the top-level ``name:`` that gives the stack's volumes their ``ebrflow_`` prefix.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import compose_spec
 import pytest
 import yaml
 
@@ -113,6 +118,40 @@ def mount_source(service: dict[str, Any], target: str) -> Path:
     pytest.fail(f"nothing is bind-mounted at {target}")
 
 
+def compose_errors(text: str) -> str | None:
+    """Why ``compose-spec`` rejects a Compose file (None when it validates against the whole specification)."""
+    try:
+        compose_spec.PyCompose.from_yaml(text).to_spec()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_compose_file_is_valid_compose(services: dict[str, Any]) -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert compose_errors(text) is None
+    parsed = compose_spec.PyCompose.from_yaml(text)
+    assert parsed.name == "ebrflow" and sorted(parsed.services) == sorted(services)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("    restart: on-failure\n", "    restart: on-failure\n    colour: red\n", "`colour`"),
+        ("restart: on-failure", "restart: sometimes", "services.producer.restart"),
+        ("condition: service_healthy", "condition: service_sleepy", "service_sleepy"),
+        ("      interval: 10s", "      interval: soon", "healthcheck.interval"),
+        ('"127.0.0.1:9090:9090"', '"127.0.0.1:ninety:9090"', "services.prometheus.ports"),
+    ],
+    ids=["unknown-service-key", "bad-restart", "bad-condition", "bad-duration", "bad-port"],
+)
+def test_the_validator_rejects_a_broken_copy(old: str, new: str, error: str) -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert old in text
+    reason = compose_errors(text.replace(old, new, 1))
+    assert reason is not None and error in reason, reason
+
+
 def test_required_services_exist(services: dict[str, Any]) -> None:
     missing = REQUIRED_SERVICES - services.keys()
     assert not missing, f"services missing from docker-compose.yml: {sorted(missing)}"
@@ -202,6 +241,15 @@ def test_metrics_port_agrees_everywhere(
     assert re.search(rf"^EXPOSE\s+{port}\b", DOCKERFILE.read_text(encoding="utf-8"), re.MULTILINE)
 
 
+def test_prometheus_scrapes_milvus_metrics(services: dict[str, Any], prometheus: dict[str, Any]) -> None:
+    # Milvus standalone serves /healthz and its own /metrics on 9091 (the port its healthcheck probes).
+    job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "milvus")
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    assert targets == ["milvus:9091"] and job.get("metrics_path", "/metrics") == "/metrics"
+    assert "localhost:9091/healthz" in json.dumps(services["milvus"]["healthcheck"]["test"])
+    assert 9091 in container_ports(services["milvus"])
+
+
 def test_kafka_bootstrap_matches_the_kafka_listener(services: dict[str, Any], config: dict[str, Any]) -> None:
     host, port = host_port(config["kafka"]["bootstrap_servers"])
     assert host == "kafka" and host in services
@@ -276,14 +324,13 @@ def test_grafana_datasource_is_the_stack_prometheus(services: dict[str, Any], pr
     assert url.port in container_ports(services["prometheus"])
     assert source["jsonData"]["timeInterval"] == prometheus["global"]["scrape_interval"]
 
+    # The dashboard's ${datasource} variable (type datasource, query prometheus) defaults to the default datasource
+    # of that type: the provisioned one must be it, and the only Prometheus, so the file needs no uid.
+    assert source["isDefault"] is True
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    uids = set()
-    for panel in dashboard["panels"]:
-        if panel["type"] == "row":
-            continue
-        uids.add(panel["datasource"]["uid"])
-        uids.update(target["datasource"]["uid"] for target in panel["targets"])
-    assert uids == {source["uid"]}, "every panel and target must use the provisioned datasource uid"
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == source["type"] and variable["name"] == "datasource"
+    assert source["uid"] not in DASHBOARD.read_text(encoding="utf-8"), "the dashboard must not hard-code the uid"
 
 
 def test_dockerfile_builds_the_package_on_cpu_torch() -> None:

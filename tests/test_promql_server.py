@@ -10,8 +10,10 @@ on live data. The end-to-end trainer test repeats the query check against the re
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import pytest
 from ebrflow.ops.metrics import STAGES, PipelineMetrics
-from ebrflow.ops.promql import ALERT_RULES, DASHBOARD, PrometheusQueryError, PrometheusServer, dashboard_queries
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from tests.promql import ALERT_RULES, DASHBOARD, PrometheusQueryError, PrometheusServer, dashboard_queries
 
 # Representative values for every bounded label in ops/metrics.py; an unknown label gets "test".
 LABEL_VALUES = {
@@ -59,7 +62,8 @@ def children(metric: Counter | Gauge | Histogram) -> list:
 
 def all_metrics(metrics: PipelineMetrics) -> list[Counter | Gauge | Histogram]:
     found = [value for value in vars(metrics).values() if isinstance(value, (Counter, Gauge, Histogram))]
-    assert len(found) == len(list(metrics.registry.collect())), "every registered family is an attribute"
+    ebrflow_families = [family for family in metrics.registry.collect() if family.name.startswith("ebrflow_")]
+    assert len(found) == len(ebrflow_families), "every registered ebrflow family is an attribute"
     return found
 
 
@@ -134,6 +138,18 @@ def test_every_dashboard_query_returns_finite_series(prom: PrometheusServer) -> 
             not_finite.append(f"{title}: {expr} → {result}")
     assert not empty, "queries with no series:\n" + "\n".join(empty)
     assert not not_finite, "queries with NaN/inf values:\n" + "\n".join(not_finite)
+
+
+def test_dashboard_variables_list_the_scraped_job_and_instance(prom: PrometheusServer, exporter: str) -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    found = {}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"])
+        selector = match.group(1).replace("$job", variable.get("allValue", ".*"))
+        found[match.group(2)] = prom.label_values(match.group(2), selector)
+    assert found == {"job": [prom.job], "instance": [exporter]}
 
 
 def test_quality_panels_compute_the_fed_ratios(prom: PrometheusServer) -> None:

@@ -68,3 +68,12 @@ def test_make_venv_takes_torch_from_the_cpu_index_unless_overridden() -> None:
         if "torch" in line
     ]
     assert len(custom) == 1 and '"torch>=2.2"' in custom[0] and "index-url" not in custom[0]
+
+
+def test_the_product_imports_no_test_support() -> None:
+    # tests/ (e.g. tests/promql.py) is not installed: an import of it from the package would fail in a deployment.
+    pattern = re.compile(r"^\s*(?:from|import)\s+tests\b", re.MULTILINE)
+    product = [p for folder in ("ebrflow", "stream", "model", "indexer", "ops") for p in (ROOT / folder).rglob("*.py")]
+    assert len(product) > 30
+    offenders = [str(p.relative_to(ROOT)) for p in product if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"product modules import test support: {offenders}"

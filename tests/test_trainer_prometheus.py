@@ -9,13 +9,13 @@ import time
 from itertools import takewhile
 
 import pytest
-from ebrflow.ops.promql import ALERT_RULES, PrometheusServer, dashboard_queries
 from ebrflow.stream.generator import SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.replay import Pacer, events_from_arrays, produce
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from tests.promql import ALERT_RULES, PrometheusServer, dashboard_queries
 
 
 def test_dashboard_queries_return_series_from_a_live_trainer(settings: Settings) -> None:

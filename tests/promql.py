@@ -1,8 +1,9 @@
 """PromQL helpers for tests: the dashboard's queries, the metric names in a query, and a real Prometheus.
 
 ``dashboard_queries`` pulls every PromQL expression out of the Grafana dashboard JSON (Grafana's
-``$__rate_interval``-style macros replaced, so each is plain PromQL), ``metric_names`` lists the series a
-query reads, and ``PrometheusServer`` runs the real ``prometheus`` binary against one scrape target so the
+``$__rate_interval``-style macros and the dashboard's ``$job``/``$instance`` variables replaced, so each is plain
+PromQL), ``metric_names`` lists the series a query reads (parsed by ``promql-parser``, the Python binding of
+the Rust PromQL parser), and ``PrometheusServer`` runs the real ``prometheus`` binary against one scrape target so the
 queries can be checked against live series::
 
     with PrometheusServer("127.0.0.1:9464") as prom:
@@ -28,24 +29,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import promql_parser
 from prometheus_client.registry import Collector
 
-OPS_DIR = Path(__file__).resolve().parent
+OPS_DIR = Path(__file__).resolve().parents[1] / "ops"
 DASHBOARD = OPS_DIR / "grafana" / "dashboards" / "ebrflow.json"
 ALERT_RULES = OPS_DIR / "prometheus" / "alerts.yml"
-
-# PromQL keywords that look like identifiers but are not series names.
-_KEYWORDS = frozenset(
-    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-     "atan2", "inf", "nan"}
-)  # fmt: skip
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_MATCHERS = re.compile(r"\{[^}]*\}")
-_RANGES = re.compile(r"\[[^\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE)
-_OFFSET = re.compile(r"\boffset\s+-?\w+", re.IGNORECASE)
-# A whole identifier (not the tail of a number such as 1e3, nor a $macro) that is not a function call.
-_IDENT = re.compile(r"(?<![\w.:$])([A-Za-z_:][\w:]*)(?![\w:]|\s*\()")
+# The dashboard's own template variables, at their "All" value (every job and instance).
+DASHBOARD_VARIABLES = {"$job": ".*", "${job}": ".*", "$instance": ".*", "${instance}": ".*"}
 
 
 def grafana_macros(rate_interval: str = "1m", interval: str = "15s", range_: str = "1h") -> dict[str, str]:
@@ -84,15 +75,20 @@ def _walk_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from _walk_panels(panel.get("panels", []))
 
 
-def dashboard_queries(path: str | Path = DASHBOARD, *, rate_interval: str = "1m") -> list[tuple[str, str]]:
+def dashboard_queries(
+    path: str | Path = DASHBOARD, *, rate_interval: str = "1m", variables: bool = True
+) -> list[tuple[str, str]]:
     """Every PromQL expression in a Grafana dashboard as ``(panel title, expr)``, in panel order.
 
     Grafana macros (``$__rate_interval``, ``$__interval``, ``$__range``) are replaced by concrete durations
-    (``rate_interval`` for the first), so each returned expression is plain PromQL that Prometheus accepts.
+    (``rate_interval`` for the first) and ``$job``/``$instance`` by ``.*`` (their "All" value), so each
+    returned expression is plain PromQL that Prometheus accepts (``variables=False`` keeps ``$job``/``$instance``:
+    they sit in label matcher strings, so the expression still parses).
     Hidden targets are included; targets without an ``expr`` (other datasources) are skipped.
     """
     dashboard = json.loads(Path(path).read_text(encoding="utf-8"))
-    macros = grafana_macros(rate_interval=rate_interval)
+    macros = {**grafana_macros(rate_interval=rate_interval), **(DASHBOARD_VARIABLES if variables else {})}
+    macros = dict(sorted(macros.items(), key=lambda kv: -len(kv[0])))
     queries: list[tuple[str, str]] = []
     for panel in _walk_panels(dashboard.get("panels", [])):
         for target in panel.get("targets", []):
@@ -106,19 +102,41 @@ def dashboard_queries(path: str | Path = DASHBOARD, *, rate_interval: str = "1m"
 
 
 def metric_names(expr: str) -> set[str]:
-    """The series names a PromQL expression selects (functions, keywords, labels and durations excluded).
+    """The series names a PromQL expression selects, from its syntax tree (``promql-parser``).
+
+    Selectors by ``{__name__=...}`` alone have no name and are not listed; invalid PromQL raises ``ValueError``.
 
     >>> sorted(metric_names('histogram_quantile(0.95, sum by (le) (rate(a_bucket{job="x"}[5m]))) / b offset 1h'))
     ['a_bucket', 'b']
     >>> sorted(metric_names('time() - max(ebrflow_last_publish_timestamp_seconds) > 1e3 and on (job) up == bool 1'))
     ['ebrflow_last_publish_timestamp_seconds', 'up']
     """
-    text = _STRING.sub('""', expr)
-    text = _MATCHERS.sub(" ", text)
-    text = _RANGES.sub(" ", text)
-    text = _GROUPING.sub(" ", text)
-    text = _OFFSET.sub(" ", text)
-    return {name for name in _IDENT.findall(text) if name.lower() not in _KEYWORDS}
+    names: set[str] = set()
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """Each series selector of a PromQL expression: its metric name and its label matchers as ``label op value``.
+
+    >>> selectors('rate(a_total{job=~"$job"}[5m]) / b')
+    [('a_total', {'job =~ $job'}), ('b', set())]
+    """
+    ops = {"MatchOp.Equal": "=", "MatchOp.NotEqual": "!=", "MatchOp.Re": "=~", "MatchOp.NotRe": "!~"}
+    found: list[tuple[str, set[str]]] = []
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matchers = {f"{m.name} {ops[str(m.op)]} {m.value}" for m in node.matchers.matchers}
+            found.append((node.name or "", matchers))
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
 
 
 # Series names each metric type exposes, by suffix (prometheus_client with _created samples disabled).
@@ -337,6 +355,10 @@ class PrometheusServer:
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """The values of ``label`` on series matching ``match`` (what Grafana's ``label_values()`` asks)."""
+        return list(self._get(f"/api/v1/label/{label}/values", {"match[]": match}))
 
     def scrapes(self) -> int:
         """How many scrapes of the target Prometheus has recorded (successful or not)."""
