@@ -18,6 +18,7 @@ import numpy as np
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.milvus_store import connect
 from pymilvus import MilvusClient
+from pymilvus.client.types import LoadState
 
 MAX_TOPK = 16384  # Milvus' cap on one search's hits per query vector
 OnUnknown = Literal["raise", "empty", "popular"]
@@ -91,8 +92,9 @@ class QueryClient:
             served = (self.generations.alias("items"), self.generations.alias("users"))
             if not self.client.has_collection(served[0]):
                 raise NothingServed(f"no model is served under the Milvus prefix {self.prefix!r} yet")
-        for name in served:
-            self.client.load_collection(name)
+        for name in served:  # loading needs the Load privilege: asked only when Milvus restarted since the publish
+            if self.client.get_load_state(name)["state"] != LoadState.Loaded:
+                self.client.load_collection(name)
         return served
 
     def recommend(
@@ -121,7 +123,8 @@ class QueryClient:
         filter_params: dict[str, Any] | None = None,
         on_unknown: Literal["empty", "popular"] = "empty",
     ) -> list[list[Recommendation]]:
-        """``recommend`` for each user, in order, with one ``get`` of the users and one search.
+        """``recommend`` for each user, in order: one ``get`` of the users, one batched search (and an exact
+        search of its own for each user the over-fetch left short).
 
         Unknown users never fail the batch: they get ``[]`` or, with ``on_unknown="popular"``, the popular items.
         """

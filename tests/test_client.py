@@ -156,6 +156,10 @@ def test_from_uri_creates_nothing(served, client, tmp_path: Path) -> None:  # no
     with pytest.raises(NothingServed):  # an existing database with nothing served under the prefix
         QueryClient(client.client, "other").recommend(0)
     assert (sorted(client.client.list_collections()), client.client.list_aliases()) == before
+    items, users = client.collections()
+    for name in (items, users):  # as after a Milvus restart: the client loads what it reads
+        client.client.release_collection(name)
+    assert client.recommend(sorted(served[0].users)[0], K)
 
 
 def test_importing_the_client_imports_nothing_of_the_trainer() -> None:
