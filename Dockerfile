@@ -3,8 +3,8 @@
 #   docker build -t ebrflow .                                  # CPU torch 2.13.0
 #   docker build --build-arg TORCH_SPEC='torch>=2.2' -t ebrflow .
 #
-# torch is installed first, from the CPU wheel index, so `pip install .` finds it satisfied and never
-# pulls a multi-GB CUDA build from the default index.
+# torch is installed first, from the CPU wheel index, so `pip install ".[train]"` (the trainer's extra) finds it
+# satisfied and never pulls a multi-GB CUDA build from the default index.
 FROM python:3.11-slim
 
 ARG TORCH_SPEC=torch==2.13.0
@@ -25,7 +25,7 @@ COPY stream ./stream
 COPY model ./model
 COPY indexer ./indexer
 COPY ops ./ops
-RUN pip install . && rm -rf /app/build
+RUN pip install ".[train]" && rm -rf /app/build
 
 # Unprivileged user; /var/lib/ebrflow is the run.data_dir volume (checkpoints, id tables, history).
 RUN useradd --system --uid 10001 --home-dir /var/lib/ebrflow --create-home ebrflow \

@@ -19,7 +19,7 @@ $(BIN)/ebrflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-deps "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[train,test]"
 	touch $@
 
 venv: $(BIN)/ebrflow

@@ -162,7 +162,7 @@ def families(dataset: str, smoke: bool, with_ssmtl: bool) -> tuple[list[Family],
                 )
             )
     elif not smoke:
-        notes.append("implicit ALS/BPR not run: the `implicit` package is not installed (pip install .[bench]).")
+        notes.append("implicit ALS/BPR not run: `implicit` is not installed (pip install '.[train,bench]').")
     return out, notes
 
 

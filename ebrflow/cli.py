@@ -26,7 +26,7 @@ from rich.text import Text
 
 from ebrflow import __version__, logs
 from ebrflow.config import CONFIG_ENV, ConfigError, Settings, load_settings
-from ebrflow.preflight import EX_UNKNOWN_USER, EX_USAGE, Unavailable
+from ebrflow.preflight import EX_UNKNOWN_USER, EX_USAGE
 
 app = typer.Typer(
     help="Streaming, incremental training of embedding-based retrieval.", no_args_is_help=True, add_completion=False
@@ -347,22 +347,22 @@ def query(
 
     Exits 3 when the user has no published embedding, 69 when nothing is served (or Milvus is unreachable).
     """
-    from ebrflow.app import open_store
-    from ebrflow.indexer.query import QueryClient, UnknownUser
+    from ebrflow.client import QueryClient, UnknownUser
     from ebrflow.preflight import check_milvus
 
     settings = _settings(config)
-    uri = settings.milvus.uri
-    if "://" not in uri and not Path(uri).exists():
-        raise Unavailable(f"no Milvus Lite database at {uri} (milvus.uri): nothing has been published there")
-    check_milvus(uri)
+    m = settings.milvus
+    check_milvus(m.uri)
+    client = QueryClient.from_uri(
+        m.uri, m.token.get_secret_value(), m.collection_prefix, settings.model.popularity_half_life > 0
+    )
     try:
-        recs = QueryClient(open_store(settings), prior_coordinate=settings.model.popularity_half_life > 0).recommend(
-            user, k
-        )
+        recs = client.recommend(user, k)
     except UnknownUser:
         _error(f"user {user} has no published embedding yet")
         raise typer.Exit(EX_UNKNOWN_USER) from None
+    finally:
+        client.close()
     for rank, rec in enumerate(recs, 1):
         typer.echo(f"{rank}\t{rec.item_id}\t{rec.score:.4f}")
 

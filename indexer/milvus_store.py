@@ -159,16 +159,12 @@ class MilvusStore:
         res = self.client.query(collection, filter="id >= 0", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
-    def search(
-        self, collection: str, vector: np.ndarray, k: int, exclude: list[int] | None = None
-    ) -> list[tuple[int, float]]:
-        """Top-``k`` (id, score) by inner product, skipping ``exclude``."""
-        flt = f"id not in {list(map(int, exclude))}" if exclude else ""
+    def search(self, collection: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """Top-``k`` (id, score) by inner product (benchmarks; clients use ``indexer.query.QueryClient``)."""
         res = self.client.search(
             collection,
             data=[np.asarray(vector, np.float32).tolist()],
             limit=k,
-            filter=flt,
             anns_field="embedding",
             search_params={"metric_type": "IP"},
         )

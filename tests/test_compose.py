@@ -340,7 +340,7 @@ def test_dockerfile_builds_the_package_on_cpu_torch() -> None:
     assert "download.pytorch.org/whl/cpu" in text
     runs = re.findall(r"^RUN\s+(.+)$", text, re.MULTILINE)
     torch_at = next(i for i, run in enumerate(runs) if "${TORCH_SPEC}" in run and "--index-url" in run)
-    package_at = next(i for i, run in enumerate(runs) if re.search(r"pip install \.(\s|$)", run))
+    package_at = next(i for i, run in enumerate(runs) if re.search(r'pip install "\.\[train\]"(\s|$)', run))
     assert torch_at < package_at, "torch must be installed (CPU index) before the package"
     for line in re.findall(r"^COPY\s+(.+)$", text, re.MULTILINE):
         *sources, _dest = line.split()

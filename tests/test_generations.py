@@ -34,7 +34,7 @@ def test_queries_during_switches_never_mix_generations_or_come_back_empty(tmp_pa
     gens = Generations(client, "gen")
     _fill(client, 1, 8, item_base=0)
     gens.switch(1)
-    reader = QueryClient(MilvusStore(client, 8, prefix="gen"))
+    reader = QueryClient(client, "gen")
     _fill(client, 2, 12, item_base=10_000)  # another dimension too: a generation is self-contained
     _fill(client, 3, 8, item_base=20_000)
     seen: list[int] = []
@@ -65,7 +65,7 @@ def test_queries_during_switches_never_mix_generations_or_come_back_empty(tmp_pa
     assert gens.drop_older(3) == [1, 2]
     assert gens.existing() == [3] and reader.recommend(0, k=5)
     with pytest.raises(NothingServed):  # another prefix: nothing served, and nothing created by asking
-        QueryClient(MilvusStore(client, 8, prefix="other")).recommend(0)
+        QueryClient(client, "other").recommend(0)
     assert not [name for name in client.list_collections() if name.startswith("other")]
 
 
@@ -89,7 +89,7 @@ def test_a_restart_without_checkpoints_fills_a_new_generation_behind_the_served_
     )
     second = build_trainer(changed, settings.kafka.bootstrap_servers)
     gens = Generations(second.store.client, settings.milvus.collection_prefix)
-    reader = QueryClient(MilvusStore(second.store.client, 24, prefix=settings.milvus.collection_prefix))
+    reader = QueryClient(second.store.client, settings.milvus.collection_prefix)
     served_during: list[tuple[int | None, int]] = []
     runner = threading.Thread(target=second.run, kwargs={"idle_exit_s": 5}, daemon=True)
     runner.start()

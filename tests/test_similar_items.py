@@ -34,12 +34,12 @@ def test_similar_items_ignore_the_popularity_coordinate(tmp_path: Path) -> None:
     try:
         for item in (0, 17, 42):
             pure = [
-                [r.item_id for r in QueryClient(s, prior_coordinate=True).similar_items(item, 10)]
+                [r.item_id for r in QueryClient(client, s.prefix, prior_coordinate=True).similar_items(item, 10)]
                 for s in stores.values()
             ]
             assert pure[0] == pure[1], f"item {item}: neighbours moved with popularity"
-        boosted = QueryClient(stores["skewed"]).similar_items(0, 10)
-        unboosted = QueryClient(stores["flat"]).similar_items(0, 10)
+        boosted = QueryClient(client, "skewed").similar_items(0, 10)
+        unboosted = QueryClient(client, "flat").similar_items(0, 10)
         assert [r.item_id for r in boosted] != [r.item_id for r in unboosted]  # the prior does move raw IP ranks
     finally:
         client.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from ebrflow.indexer.generations import Generations
-from ebrflow.indexer.milvus_store import MilvusStore
 from ebrflow.indexer.query import QueryClient
 from ebrflow.stream.shadow import variant_prefix
 from typer.testing import CliRunner
@@ -78,7 +77,7 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
             f"{variant_prefix(prefix, 'rr')}_items_g1",
             f"{variant_prefix(prefix, 'rr')}_users_g1",
         )
-        recs = QueryClient(MilvusStore(client, settings.model.dim, prefix=prefix)).recommend(0, k=5)
+        recs = QueryClient(client, prefix).recommend(0, k=5)
         assert len(recs) == 5
     finally:
         again.close()
