@@ -114,19 +114,31 @@ class MilvusStore:
         return params
 
     def upsert(
-        self, collection: str, ids: np.ndarray, vectors: np.ndarray, version: int, seen: list[np.ndarray] | None = None
+        self,
+        collection: str,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        version: int,
+        seen: list[np.ndarray | None] | None = None,
     ) -> None:
-        """Write rows (idempotent: the same id overwrites). ``seen`` only for the users collection."""
+        """Write rows (idempotent: the same id overwrites). ``seen`` only for the users collection: a user whose
+        entry is None keeps the seen list Milvus holds (a partial update of vector, version and time only)."""
         if len(ids) == 0:
             return
         now = int(time.time() * 1000)
-        rows = []
+        rows, partial = [], []
         for i, (raw, vec) in enumerate(zip(ids.tolist(), vectors.tolist())):
             row = {"id": raw, "embedding": vec, "version": version, "updated_at": now}
+            if seen is not None and seen[i] is None:
+                partial.append(row)
+                continue
             if seen is not None:
                 row["seen"] = seen[i][-self.seen_capacity :].tolist()
             rows.append(row)
-        self.client.upsert(collection, rows)
+        if rows:
+            self.client.upsert(collection, rows)
+        if partial:
+            self.client.upsert(collection, partial, partial_update=True)
 
     def delete_newer(self, version: int) -> int:
         """Delete rows written by a model version above ``version`` (a lost run); returns how many."""

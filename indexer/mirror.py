@@ -30,6 +30,9 @@ class EmbeddingMirror:
     def __len__(self) -> int:
         return self._n
 
+    def __contains__(self, raw_id: int) -> bool:
+        return int(raw_id) in self._rows
+
     def update(self, ids: np.ndarray, vectors: np.ndarray, at: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Store ``vectors`` for ``ids``, written at ``at`` (wall clock); returns (previous vectors, existed mask)."""
         rows = np.empty(len(ids), dtype=np.int64)

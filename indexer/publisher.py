@@ -41,6 +41,9 @@ class Publisher:
         self.items = EmbeddingMirror(store.dim)
         self.users = EmbeddingMirror(store.dim)
         self.seen = seen or SeenItems(store.seen_capacity)
+        self._jobs = 0  # jobs prepared so far: a job's sequence number
+        self._changed_at: dict[int, int] = {}  # user → the job that last changed the user's seen list
+        self._current: set[int] = set()  # users whose Milvus row holds their current seen list
 
     def forget_newer(self, version: int) -> int:
         """Delete Milvus rows newer than ``version`` (only at start-up, before anything was published)."""
@@ -57,14 +60,27 @@ class Publisher:
         user_vectors: np.ndarray,
         interactions: tuple[np.ndarray, np.ndarray],
     ) -> UpsertJob:
-        """The rows to write for a batch: vectors at ``version`` and the touched users' seen lists."""
+        """The rows to write for a batch: vectors at ``version``, and seen lists only where Milvus may lack the
+        current one (users with interactions in this batch, or whose list no acknowledged, unheld write carried
+        since it last changed); the others are partial updates of the vector alone: a rolling refresh re-sends
+        vectors, and a 1,024-id list per user would be most of its bytes."""
         batch_users, batch_items = interactions
         self.seen.add(batch_users, batch_items)
-        seen_lists = [self.seen.get(u) for u in user_ids.tolist()]
-        return UpsertJob(version, item_ids, item_vectors, user_ids, user_vectors, seen_lists)
+        self._jobs += 1
+        for u in set(batch_users.tolist()):
+            self._changed_at[u] = self._jobs
+            self._current.discard(u)
+        current = self._current
+        seen_lists = [None if u in current else self.seen.get(u) for u in user_ids.tolist()]
+        return UpsertJob(version, item_ids, item_vectors, user_ids, user_vectors, seen_lists, seq=self._jobs)
 
     def acknowledged(self, job: UpsertJob) -> Published:
         """Milvus accepted ``job``: mirror its rows; returns what changed (previous vectors, for drift)."""
+        if not job.hold and job.seen is not None:  # the seen lists written are current unless a later job changed them
+            for u, seen in zip(job.user_ids.tolist(), job.seen):
+                if seen is not None and self._changed_at.get(u, 0) <= job.seq:
+                    self._current.add(u)
+                    self._changed_at.pop(u, None)
         item_prev, item_existed = self.items.update(job.item_ids, job.item_vectors, job.acked_at)
         user_prev, user_existed = self.users.update(job.user_ids, job.user_vectors, job.acked_at)
         return Published(

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UpsertJob:
-    """Rows of one publish: vectors of items and users at one model version, plus the users' seen lists.
+    """Rows of one publish: vectors of items and users at one model version, plus the users' seen lists
+    (None for a user whose list Milvus already holds unchanged: written as a partial update).
 
     ``context`` is the caller's (what to do once acknowledged); the sink never reads it.
     """
@@ -34,11 +35,12 @@ class UpsertJob:
     item_vectors: np.ndarray
     user_ids: np.ndarray
     user_vectors: np.ndarray
-    seen: list[np.ndarray] | None
+    seen: list[np.ndarray | None] | None
     context: Any = None
     upsert_seconds: dict[str, float] = field(default_factory=dict)
     acked_at: float = 0.0
     hold: bool = False  # the recall guard holds Milvus writes: acknowledge without writing
+    seq: int = 0  # the publisher's job number (which seen lists an acknowledgement makes current)
 
 
 def write(store: MilvusStore, job: UpsertJob) -> None:
