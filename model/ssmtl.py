@@ -24,7 +24,8 @@ from ebrflow.model.replay import Reservoir
 from ebrflow.model.spectral import procrustes, spectral_embeddings
 from ebrflow.model.tables import regrow_optimizer_state
 from ebrflow.model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
-from ebrflow.model.two_tower import finite_step, pick_device
+from ebrflow.model.training import StepResult, finite_step, train_chunks
+from ebrflow.model.two_tower import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class SSMTLModel:
     events mixed with ``replay_ratio``·len(batch) events replayed from a reservoir of past events, in chunks
     of at most ``max_step_size``. Every step samples a subgraph around the chunk's users and items
     (``fanouts``), computes each enabled task's loss, weights them ("fixed" or "mgda") and takes one guarded
-    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``.
+    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``
+    (``model.training.train_chunks``).
     Served embeddings use every buffered neighbour, deterministically: per requested row when ``bounded()``
     (the default), else by full-graph propagation once per model version. With ``spectral`` every node's layer-0
     input adds a spectral vector of the live graph, refitted on a schedule that grows with the graph
@@ -187,29 +189,13 @@ class SSMTLModel:
         ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
         self.reservoir.add(u, i, batch.weights)
         users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
-        losses, task_losses, task_weights, skipped = [], {}, {}, 0
-        for _ in range(self.steps_per_batch):
-            order = self._rng.permutation(len(users))
-            for start in range(0, len(order), self.max_step_size):
-                idx = order[start : start + self.max_step_size]
-                if len(idx) < 2:
-                    continue
-                result = self._step(users[idx], items[idx], weights[idx])
-                if result is None:
-                    skipped += 1
-                    continue
-                total, per_task, per_weight = result
-                losses.append(total)
-                for name in per_task:
-                    task_losses.setdefault(name, []).append(per_task[name])
-                    task_weights.setdefault(name, []).append(per_weight[name])
-        mean = float(np.mean(losses)) if losses else float("nan")
-        return TrainReport(
-            loss=mean,
-            steps=len(losses),
-            task_losses={k: float(np.mean(v)) for k, v in task_losses.items()},
-            task_weights={k: float(np.mean(v)) for k, v in task_weights.items()},
-            skipped_steps=skipped,
+        return train_chunks(
+            lambda idx: self._step(users[idx], items[idx], weights[idx]),
+            len(users),
+            self._rng,
+            self.steps_per_batch,
+            self.max_step_size,
+            min_step_size=2,
         )
 
     def ingest(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -309,9 +295,8 @@ class SSMTLModel:
         subgraph.prepare(self.encoder, [t.fraction for t in self.tasks.values() if t.fraction is not None])
         return {name: task.loss(subgraph, self.encoder) for name, task in self.tasks.items()}
 
-    def _step(
-        self, users: np.ndarray, items: np.ndarray, weights: np.ndarray
-    ) -> tuple[float, dict[str, float], dict[str, float]] | None:
+    def _step(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> StepResult | None:
+        """One guarded optimiser step on these events (None: skipped, a loss or a gradient was not finite)."""
         losses = self.task_losses(self.subgraph(users, items, weights))
         if not all(torch.isfinite(v) for v in losses.values()):
             self._optimizer.zero_grad()
@@ -323,7 +308,7 @@ class SSMTLModel:
         if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
             return None
         self._version += 1
-        return float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w
+        return StepResult(float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w)
 
     def _residual_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """Mean squared length of the trained id embeddings of the step's users plus that of its items."""
