@@ -68,6 +68,21 @@ def check_model_options(cfg: ModelConfig) -> None:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"accepted: {', '.join(accepted)}"
             raise ConfigError(f"model.options.{key}: not a parameter of {cls.__name__} ({hint})")
+    if "tasks" in cfg.options:
+        check_task_settings(cfg.options["tasks"])
+
+
+def check_task_settings(tasks: Any) -> None:
+    """``model.options.tasks`` (ssmtl) must parse in the task registry; the retrieval temperature is
+    ``model.temperature``."""
+    from ebrflow.model.tasks import parse_tasks
+
+    try:
+        parse_tasks(tasks)
+    except ValueError as exc:
+        raise ConfigError(f"model.options.{exc}") from None
+    if "temperature" in tasks.get("retrieval", {}):
+        raise ConfigError("model.options.tasks.retrieval.temperature: set model.temperature instead")
 
 
 def check_device(cfg: ModelConfig) -> None:
