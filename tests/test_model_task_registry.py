@@ -125,8 +125,8 @@ def test_retrieval_negatives_setting_makes_the_subgraph_sample_them():
     assert plain.subgraph(users, items, np.ones(4, np.float32), seed=1).negatives is None
 
 
-def test_config_tasks_reach_the_model_with_model_temperature_and_tell_fingerprints_apart():
-    from ebrflow.app import build_model, model_fingerprint
+def test_config_tasks_reach_the_model_with_model_temperature():
+    from ebrflow.app import build_model
     from ebrflow.config import ModelConfig
 
     tasks = {"retrieval": {"n_negatives": 2}, "infonce": {"weight": 0.2}}
@@ -138,5 +138,24 @@ def test_config_tasks_reach_the_model_with_model_temperature_and_tell_fingerprin
     assert build_model(ModelConfig(dim=8, temperature=0.3, device="cpu")).model.tasks["retrieval"].config == (
         RetrievalConfig(temperature=0.3)
     )
+
+
+def test_a_checkpoint_restores_only_into_the_same_task_settings(tmp_path):
+    from ebrflow.indexer.seen import SeenItems
+    from ebrflow.model.checkpoint import CheckpointStore
+    from ebrflow.stream.checkpointer import Checkpointer, CheckpointMismatch
+
+    from ebrflow.app import build_model, model_fingerprint
+    from ebrflow.config import ModelConfig
+
+    tasks = {"retrieval": {}, "infonce": {"weight": 0.2}}
+    cfg = ModelConfig(dim=8, device="cpu", options={"tasks": tasks})
     other = cfg.model_copy(update={"options": {"tasks": {**tasks, "infonce": {"weight": 0.2, "eps": 0.3}}}})
-    assert model_fingerprint(cfg) != model_fingerprint(other)
+    store = CheckpointStore(tmp_path / "ckpt", keep=1)
+    model = build_model(cfg)
+    model.fit_batch(batch())
+    Checkpointer(store, model, SeenItems(), fingerprint=model_fingerprint(cfg)).batch_done({("t", 0): 1}, force=True)
+    restored = Checkpointer(store, build_model(cfg), SeenItems(), fingerprint=model_fingerprint(cfg)).restore()
+    assert restored is not None and restored.version == model.version
+    with pytest.raises(CheckpointMismatch, match="options"):
+        Checkpointer(store, build_model(other), SeenItems(), fingerprint=model_fingerprint(other)).restore()
