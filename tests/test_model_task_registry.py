@@ -159,3 +159,25 @@ def test_a_checkpoint_restores_only_into_the_same_task_settings(tmp_path):
     assert restored is not None and restored.version == model.version
     with pytest.raises(CheckpointMismatch, match="options"):
         Checkpointer(store, build_model(other), SeenItems(), fingerprint=model_fingerprint(other)).restore()
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ({"x": {"options": {"tasks": {"infonse": {}}}}}, "model.variants.x.options.tasks.infonse: unknown task"),
+        (
+            {"x": {"options": {"tasks": {"retrieval": {"temperature": 0.2}}}}},
+            "model.variants.x.options.tasks.retrieval.temperature: set model.variants.x.temperature instead",
+        ),
+        ({"x": {"kind": "two_tower", "options": {"tasks": {}}}}, "model.variants.x.options.tasks: not a parameter"),
+        ({"x": {"dimm": 3}}, "model.variants.x: dimm: Extra inputs are not permitted"),
+    ],
+)
+def test_preflight_checks_the_variants_task_settings_too(variants, message):
+    from ebrflow.config import ConfigError, ModelConfig
+    from ebrflow.preflight import check_model
+
+    check_model(ModelConfig(variants={"ok": {"options": {"tasks": {"retrieval": {}, "cca_ssg": {"weight": 0.1}}}}}))
+    with pytest.raises(ConfigError) as err:
+        check_model(ModelConfig(variants=variants))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
