@@ -97,7 +97,6 @@ def run_variant(name: str, args: argparse.Namespace, train: dict, test: dict, n_
     config = {
         "dim": args.dim,
         "lr": args.lr,
-        "temperature": args.temperature,
         "fanouts": tuple(args.fanouts),
         "neighbour_capacity": args.capacity,
         "replay_ratio": 0.0,
@@ -106,6 +105,7 @@ def run_variant(name: str, args: argparse.Namespace, train: dict, test: dict, n_
         "seed": args.seed,
         **VARIANTS[name],
     }
+    config["tasks"] = {t: {"temperature": args.temperature} if t == "retrieval" else {} for t in config["tasks"]}
     model = SSMTLModel(**config)
     users, items = pairs(train)
     factory = batch_factory(users, items, args.batch_size, args.seed)
@@ -175,6 +175,7 @@ def render(out: Path) -> None:
         lines.append(f"| {name} | {rec:.4f} | {ndcg:.4f} | published, not run here | | | |")
     cov = meta.get("ring_buffer_edge_coverage", {})
     cfg = rows[0]["config"] if rows else {}
+    temperature = cfg.get("tasks", {}).get("retrieval", {}).get("temperature")
     notes = [
         f"Gowalla, LightGCN split: {rows[0]['users'] if rows else 0} test users, full ranking over all items, "
         "train items masked.",
@@ -182,7 +183,7 @@ def render(out: Path) -> None:
         + (f"; only users with id < {meta['max_users']}." if meta["max_users"] else "."),
         "Every variant is `SSMTLModel` trained by `backfill` on shuffled 1,024-event batches "
         f"(fanouts {cfg.get('fanouts')}, dim {cfg.get('dim')}, lr {cfg.get('lr')}, temperature "
-        f"{cfg.get('temperature')}, no tuning); evaluation uses its full-neighbourhood embeddings.",
+        f"{temperature}, no tuning); evaluation uses its full-neighbourhood embeddings.",
         f"Differences from LightGCN: sampled 2-layer mean aggregation with dense layers (not 3-layer full-graph "
         f"propagation), in-batch sampled softmax with logQ (not BPR), minutes instead of ~1,000 epochs, and "
         f"ring buffers of {cfg.get('neighbour_capacity')} neighbours holding {cov.get('user_side')} (user side) / "

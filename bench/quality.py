@@ -44,7 +44,7 @@ from bench.scorers import (
 )
 
 Params = dict[str, Any]
-SSMTL_DEFAULT_TASKS = ("retrieval",)  # keep equal to SSMTLModel's default ``tasks``
+SSMTL_DEFAULT_TASKS = ("retrieval",)  # keep equal to the task names of ``model.ssmtl.DEFAULT_TASKS``
 SSMTL_DEFAULT_STEPS = 1  # keep equal to ModelConfig.steps_per_batch
 IMPLICIT_REFIT_EVENTS = 5000
 
@@ -100,7 +100,14 @@ def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
     shipped = tuple(SSMTL_DEFAULT_TASKS)
     for label, tasks in ABLATION.items():
         if tasks != shipped:
-            out.append(_ebrflow(f"ebrflow SSMTL, {label}", "ssmtl", {**graph, "options": {"tasks": tasks}}, "variant"))
+            out.append(
+                _ebrflow(
+                    f"ebrflow SSMTL, {label}",
+                    "ssmtl",
+                    {**graph, "options": {"tasks": {t: {} for t in tasks}}},
+                    "variant",
+                )
+            )
     if SSMTL_DEFAULT_STEPS != 0:
         out.append(_ebrflow("ebrflow SSMTL, no gradient steps", "ssmtl", {**graph, "steps_per_batch": 0}, "variant"))
     out.append(_ebrflow("ebrflow SSMTL, no popularity prior", "ssmtl", {**graph, "popularity_half_life": 0}, "variant"))

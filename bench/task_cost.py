@@ -51,7 +51,11 @@ def measure(batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     """Every figure for one batch size."""
     rng = np.random.default_rng(0)
     model = SSMTLModel(
-        tasks=tuple(TASKS), max_step_size=max(batch_size, 2048), replay_ratio=0.0, device="cpu", **model_args(args)
+        tasks={name: {} for name in TASKS},
+        max_step_size=max(batch_size, 2048),
+        replay_ratio=0.0,
+        device="cpu",
+        **model_args(args),
     )
     model.fit_batch(synthetic(args.prefill, args.users, args.items, rng))
     batch = synthetic(batch_size, args.users, args.items, rng)

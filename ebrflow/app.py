@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 def build_model(cfg: ModelConfig) -> RetrievalModel:
     """The configured model; ``options`` go to its constructor as extra keyword arguments.
 
-    ``graph="user_user"`` makes the SSMTL graph user–user with both edge directions stored.
+    ``graph="user_user"`` makes the SSMTL graph user–user with both edge directions stored; ``temperature`` is
+    the two-tower softmax temperature, or SSMTL's retrieval task's (``options.tasks.retrieval``).
     With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
     smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
     """
@@ -54,7 +55,6 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     prior = cfg.popularity_half_life > 0
     common = dict(
         dim=cfg.dim - 1 if prior else cfg.dim,
-        temperature=cfg.temperature,
         steps_per_batch=cfg.steps_per_batch,
         device=cfg.device,
         seed=cfg.seed,
@@ -62,12 +62,16 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.lr is not None:
         common["lr"] = cfg.lr
     if cfg.kind == "ssmtl":
-        from ebrflow.model.ssmtl import SSMTLModel
+        from ebrflow.model.ssmtl import DEFAULT_TASKS, SSMTLModel
 
         graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
-        model: RetrievalModel = SSMTLModel(**common, **{**graph, **cfg.options})
+        options = {**graph, **cfg.options}
+        tasks = {name: dict(settings) for name, settings in options.pop("tasks", DEFAULT_TASKS).items()}
+        if "retrieval" in tasks:
+            tasks["retrieval"]["temperature"] = cfg.temperature
+        model: RetrievalModel = SSMTLModel(**common, **options, tasks=tasks)
     else:
-        model = TwoTowerModel(**common, **cfg.options)
+        model = TwoTowerModel(**common, temperature=cfg.temperature, **cfg.options)
     scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
     return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
 

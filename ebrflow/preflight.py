@@ -15,7 +15,9 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-from ebrflow.config import ConfigError, MetricsConfig, ModelConfig
+from pydantic import ValidationError
+
+from ebrflow.config import ConfigError, MetricsConfig, ModelConfig, describe_errors
 
 EX_OK = 0
 EX_USAGE = 2  # a bad flag or argument (click's code)
@@ -49,9 +51,9 @@ def model_class(kind: str) -> type:
     return TwoTowerModel
 
 
-def check_model_options(cfg: ModelConfig) -> None:
+def check_model_options(cfg: ModelConfig, where: str = "model") -> None:
     """Every key of ``model.options`` must be a keyword of the model class's constructor, and not one that a
-    dedicated ``model.*`` key sets (``dim``, ``lr``, ...)."""
+    dedicated ``model.*`` key sets (``dim``, ``lr``, ...); ``where`` names the section in errors."""
     cls = model_class(cfg.kind)
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -63,11 +65,26 @@ def check_model_options(cfg: ModelConfig) -> None:
     )
     for key in cfg.options:
         if key in _SET_BY_KEYS:
-            raise ConfigError(f"model.options.{key}: set model.{_SET_BY_KEYS[key]} instead")
+            raise ConfigError(f"{where}.options.{key}: set {where}.{_SET_BY_KEYS[key]} instead")
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"accepted: {', '.join(accepted)}"
-            raise ConfigError(f"model.options.{key}: not a parameter of {cls.__name__} ({hint})")
+            raise ConfigError(f"{where}.options.{key}: not a parameter of {cls.__name__} ({hint})")
+    if "tasks" in cfg.options:
+        check_task_settings(cfg.options["tasks"], where)
+
+
+def check_task_settings(tasks: Any, where: str = "model") -> None:
+    """``model.options.tasks`` (ssmtl) must parse in the task registry; the retrieval temperature is
+    ``model.temperature``."""
+    from ebrflow.model.tasks import parse_tasks
+
+    try:
+        parse_tasks(tasks)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.options.{exc}") from None
+    if "temperature" in tasks.get("retrieval", {}):
+        raise ConfigError(f"{where}.options.tasks.retrieval.temperature: set {where}.temperature instead")
 
 
 def check_device(cfg: ModelConfig) -> None:
@@ -93,9 +110,17 @@ def check_device(cfg: ModelConfig) -> None:
 
 
 def check_model(cfg: ModelConfig) -> None:
-    """The model section beyond what its types say: a usable device and known constructor options."""
+    """The model section beyond what its types say: a usable device and known constructor options, the
+    variants' included."""
     check_device(cfg)
     check_model_options(cfg)
+    for name in cfg.variants:
+        where = f"model.variants.{name}"
+        try:
+            variant = cfg.variant(name)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: " + "; ".join(describe_errors(exc).splitlines())) from None
+        check_model_options(variant, where)
 
 
 def check_metrics_port(cfg: MetricsConfig) -> None:

@@ -10,7 +10,8 @@ items' vectors, so it is useful from its first event.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,12 +24,13 @@ from ebrflow.model.graph import USER, GraphStore
 from ebrflow.model.replay import Reservoir
 from ebrflow.model.spectral import procrustes, spectral_embeddings
 from ebrflow.model.tables import regrow_optimizer_state
-from ebrflow.model.tasks import CCASSGTask, GraphMAETask, InfoNCETask, RetrievalTask, Subgraph, Task
-from ebrflow.model.two_tower import finite_step, pick_device
+from ebrflow.model.tasks import Subgraph, Task, parse_tasks
+from ebrflow.model.training import StepResult, finite_step, train_chunks
+from ebrflow.model.two_tower import pick_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = {"retrieval": 1.0, "cca_ssg": 0.05, "graphmae": 0.1, "infonce": 0.1}
+DEFAULT_TASKS: dict[str, dict[str, Any]] = {"retrieval": {}}  # the ``tasks`` settings when none are given
 
 
 class _Optimizers:
@@ -59,8 +61,10 @@ class SSMTLModel:
     Each ``fit_batch`` adds the events to the live graph, then runs ``steps_per_batch`` passes over the new
     events mixed with ``replay_ratio``·len(batch) events replayed from a reservoir of past events, in chunks
     of at most ``max_step_size``. Every step samples a subgraph around the chunk's users and items
-    (``fanouts``), computes each enabled task's loss, weights them ("fixed" or "mgda") and takes one guarded
-    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``.
+    (``fanouts``), computes each task's loss, weights them ("fixed" or "mgda") and takes one guarded
+    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``
+    (``model.training.train_chunks``). ``tasks`` are settings by task name (``model.tasks.registry``, default
+    retrieval only), e.g. ``{"retrieval": {}, "cca_ssg": {"weight": 0.1}}``; ``add_task`` injects built ones.
     Served embeddings use every buffered neighbour, deterministically: per requested row when ``bounded()``
     (the default), else by full-graph propagation once per model version. With ``spectral`` every node's layer-0
     input adds a spectral vector of the live graph, refitted on a schedule that grows with the graph
@@ -75,27 +79,13 @@ class SSMTLModel:
         dim: int = 64,
         lr: float = 0.0003,
         dense_lr: float = 0.001,
-        temperature: float = 0.1,
-        logq: bool = True,
-        n_negatives: int = 0,
         fanouts: tuple[int, ...] = (10, 5),
         neighbour_capacity: int = 32,
         ttl_ms: int | None = None,
         graph_mode: Literal["bipartite", "user_user"] = "bipartite",
         symmetric: bool | None = None,
-        tasks: tuple[str, ...] = ("retrieval",),
-        task_weights: dict[str, float] | None = None,
+        tasks: Mapping[str, Mapping[str, Any]] | None = None,
         balancing: Literal["fixed", "mgda"] = "fixed",
-        cca_fraction: float = 0.25,
-        cca_lambda: float = 1e-3,
-        edge_drop: float = 0.2,
-        feature_drop: float = 0.2,
-        mae_fraction: float = 0.25,
-        mae_mask_rate: float = 0.5,
-        mae_alpha: float = 2.0,
-        infonce_fraction: float = 0.25,
-        infonce_eps: float = 0.1,
-        infonce_temperature: float = 0.2,
         reservoir_size: int = 100_000,
         replay_ratio: float = 0.25,
         steps_per_batch: int = 1,
@@ -118,15 +108,11 @@ class SSMTLModel:
         device: str = "auto",
         seed: int = 0,
     ) -> None:
-        unknown = set(tasks) - set(DEFAULT_WEIGHTS)
-        if unknown or not tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {sorted(DEFAULT_WEIGHTS)}; got {tasks}")
+        specs = parse_tasks(DEFAULT_TASKS if tasks is None else tasks)
         torch.manual_seed(seed)
         self.dim, self.lr, self.dense_lr, self.fanouts = dim, lr, dense_lr, tuple(fanouts)
-        self.n_negatives, self.replay_ratio = n_negatives, replay_ratio
-        self.steps_per_batch, self.max_step_size = steps_per_batch, max_step_size
+        self.replay_ratio, self.steps_per_batch, self.max_step_size = replay_ratio, steps_per_batch, max_step_size
         self.balancing, self.seed = balancing, seed
-        self.task_weights = {**DEFAULT_WEIGHTS, **(task_weights or {})}
         self.device = pick_device(device)
         self.graph = GraphStore(graph_mode, symmetric, neighbour_capacity, ttl_ms, seed)
         feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
@@ -147,21 +133,30 @@ class SSMTLModel:
             init_std=0.0 if spectral else 0.1,
         ).to(self.device)
         self._since_refit: int | None = None  # events since the last spectral fit (None: never fitted)
-        built: dict[str, Task] = {
-            "retrieval": RetrievalTask(temperature, logq),
-            "cca_ssg": CCASSGTask(cca_fraction, cca_lambda, edge_drop, feature_drop),
-            "graphmae": GraphMAETask(dim, mae_fraction, mae_mask_rate, mae_alpha),
-            "infonce": InfoNCETask(infonce_fraction, infonce_eps, infonce_temperature),
-        }
-        self.tasks = torch.nn.ModuleDict({name: built[name] for name in tasks}).to(self.device)
-        self.balancer = make_balancer(balancing, self.task_weights)
+        self._version = 0
+        self.tasks = torch.nn.ModuleDict()
+        self.task_weights: dict[str, float] = {}  # task name → loss weight (fixed balancing)
+        for spec in specs:
+            self.add_task(spec.build(dim), spec.weight)
         self.frequency = ItemFrequency()
         self.reservoir = Reservoir(reservoir_size, seed)
         self._is_target = np.zeros(0, dtype=bool)
-        self._optimizer = self._new_optimizer()
-        self._version = 0
         self._rng = np.random.default_rng(seed)
         self._cache: tuple[tuple[int, int], dict[int, torch.Tensor]] | None = None
+
+    def add_task(self, task: Task, weight: float | None = None) -> None:
+        """Train ``task`` too, its loss weighted by ``weight`` under fixed balancing (None: ``task.default_weight``).
+
+        Tasks are added before training: the optimiser (which holds the task's heads) and the balancer are rebuilt.
+        """
+        if self._version:
+            raise RuntimeError("add tasks before the first training step")
+        if task.name in self.tasks:
+            raise ValueError(f"a task named {task.name!r} is already added")
+        self.tasks[task.name] = task.to(self.device)
+        self.task_weights[task.name] = task.default_weight if weight is None else float(weight)
+        self.balancer = make_balancer(self.balancing, self.task_weights)
+        self._optimizer = self._new_optimizer()
 
     def _new_optimizer(self) -> _Optimizers:
         sparse = torch.optim.SparseAdam([t.weight for t in self.encoder.tables], lr=self.lr)
@@ -187,29 +182,13 @@ class SSMTLModel:
         ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
         self.reservoir.add(u, i, batch.weights)
         users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
-        losses, task_losses, task_weights, skipped = [], {}, {}, 0
-        for _ in range(self.steps_per_batch):
-            order = self._rng.permutation(len(users))
-            for start in range(0, len(order), self.max_step_size):
-                idx = order[start : start + self.max_step_size]
-                if len(idx) < 2:
-                    continue
-                result = self._step(users[idx], items[idx], weights[idx])
-                if result is None:
-                    skipped += 1
-                    continue
-                total, per_task, per_weight = result
-                losses.append(total)
-                for name in per_task:
-                    task_losses.setdefault(name, []).append(per_task[name])
-                    task_weights.setdefault(name, []).append(per_weight[name])
-        mean = float(np.mean(losses)) if losses else float("nan")
-        return TrainReport(
-            loss=mean,
-            steps=len(losses),
-            task_losses={k: float(np.mean(v)) for k, v in task_losses.items()},
-            task_weights={k: float(np.mean(v)) for k, v in task_weights.items()},
-            skipped_steps=skipped,
+        return train_chunks(
+            lambda idx: self._step(users[idx], items[idx], weights[idx]),
+            len(users),
+            self._rng,
+            self.steps_per_batch,
+            self.max_step_size,
+            min_step_size=2,
         )
 
     def ingest(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -285,11 +264,11 @@ class SSMTLModel:
         dev, g, fanouts = self.device, self.graph, list(self.fanouts)
         rng = self._rng if seed is None else np.random.default_rng(seed)
         sampled = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
-        neg_log_q = None
-        if self.n_negatives > 0:
+        neg_log_q, n_negatives = None, max((t.negatives for t in self.tasks.values()), default=0)
+        if n_negatives > 0:
             n_items = g.n_rows(g.item_type)
-            sampled.append(g.sample(rng.integers(0, n_items, size=self.n_negatives), g.item_type, fanouts, rng))
-            neg_log_q = torch.full((self.n_negatives,), -float(np.log(n_items)), device=dev)
+            sampled.append(g.sample(rng.integers(0, n_items, size=n_negatives), g.item_type, fanouts, rng))
+            neg_log_q = torch.full((n_negatives,), -float(np.log(n_items)), device=dev)
         trees = [Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sampled]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return Subgraph(
@@ -309,9 +288,8 @@ class SSMTLModel:
         subgraph.prepare(self.encoder, [t.fraction for t in self.tasks.values() if t.fraction is not None])
         return {name: task.loss(subgraph, self.encoder) for name, task in self.tasks.items()}
 
-    def _step(
-        self, users: np.ndarray, items: np.ndarray, weights: np.ndarray
-    ) -> tuple[float, dict[str, float], dict[str, float]] | None:
+    def _step(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> StepResult | None:
+        """One guarded optimiser step on these events (None: skipped, a loss or a gradient was not finite)."""
         losses = self.task_losses(self.subgraph(users, items, weights))
         if not all(torch.isfinite(v) for v in losses.values()):
             self._optimizer.zero_grad()
@@ -323,7 +301,7 @@ class SSMTLModel:
         if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
             return None
         self._version += 1
-        return float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w
+        return StepResult(float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w)
 
     def _residual_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """Mean squared length of the trained id embeddings of the step's users plus that of its items."""

@@ -10,6 +10,7 @@ from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.graph import RingBuffers
 from ebrflow.model.losses import sampled_softmax
 from ebrflow.model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
+from ebrflow.model.training import StepResult, finite_step, train_chunks
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -17,28 +18,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def finite_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
-    """Backpropagate ``loss`` and step only if the loss and every gradient are finite.
-
-    Returns False (weights untouched, gradients cleared) when anything is NaN or inf.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return False
-    loss.backward()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            values = g.coalesce().values() if g.is_sparse else g
-            if not torch.isfinite(values).all():
-                optimizer.zero_grad(set_to_none=True)
-                return False
-    optimizer.step()
-    return True
 
 
 class TwoTowerModel:
@@ -49,7 +28,8 @@ class TwoTowerModel:
     logQ-corrected in-batch softmax (an estimate of the full softmax over ``cos(u, v) / T``); embeddings are
     unit vectors (wrap in ``model.prior.PopularityPrior`` to add a recent-popularity prior when serving).
     Each ``fit_batch`` runs ``steps_per_batch`` passes over the batch in chunks of at most
-    ``max_step_size`` events. New ids grow the tables (and the optimiser state) in place.
+    ``max_step_size`` events (``model.training.train_chunks``). New ids grow the tables (and the optimiser state)
+    in place.
     """
 
     def __init__(
@@ -101,28 +81,26 @@ class TwoTowerModel:
         self._grow(self.user_table, len(self.users))
         self._grow(self.item_table, len(self.items))
         self.frequency.update(i_rows)
-        losses, skipped = [], 0
-        for _ in range(self.steps_per_batch):
-            order = self._rng.permutation(len(batch))
-            for start in range(0, len(order), self.max_step_size):
-                idx = order[start : start + self.max_step_size]
-                loss = self._loss(u_rows[idx], i_rows[idx], batch.weights[idx])
-                if finite_step(self._optimizer, loss):
-                    self._version += 1
-                    losses.append(loss.item())
-                else:
-                    skipped += 1
+        report = train_chunks(
+            lambda idx: self._step(u_rows[idx], i_rows[idx], batch.weights[idx]),
+            len(batch),
+            self._rng,
+            self.steps_per_batch,
+            self.max_step_size,
+        )
         if self.history:  # after training, so an event never sits in its own user's history while it is learned
             self.recent.grow(len(self.users))
             self.recent.append(u_rows, i_rows, batch.ts_ms)
-        mean = float(np.mean(losses)) if losses else float("nan")
-        return TrainReport(
-            loss=mean,
-            steps=len(losses),
-            task_losses={"retrieval": mean},
-            task_weights={"retrieval": 1.0},
-            skipped_steps=skipped,
-        )
+        return report
+
+    def _step(self, u_rows: np.ndarray, i_rows: np.ndarray, weights: np.ndarray) -> StepResult | None:
+        """One guarded optimiser step on these events (None: skipped, the loss or a gradient was not finite)."""
+        loss = self._loss(u_rows, i_rows, weights)
+        if not finite_step(self._optimizer, loss):
+            return None
+        self._version += 1
+        value = loss.item()
+        return StepResult(value, {"retrieval": value}, {"retrieval": 1.0})
 
     def _user_vectors(self, u_rows: np.ndarray) -> torch.Tensor:
         """Unit user vectors: id embedding plus the mean of the user's recent item embeddings."""

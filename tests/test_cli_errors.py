@@ -87,6 +87,18 @@ def test_missing_config_file_from_ebrflow_config(tmp_path: Path) -> None:
         ("[model]\noptions = {foo = 1}\n", {}, ("model.options.foo", "SSMTLModel")),
         ('[model]\nkind = "two_tower"\noptions = {fanout = 1}\n', {}, ("model.options.fanout", "TwoTowerModel")),
         ("[model]\noptions = {fanouts = [5]}\n", {"EBRFLOW_MODEL__OPTIONS": '{"dim": 3}'}, ("model.options.dim",)),
+        ("[model]\noptions = {tasks = {cca = {}}}\n", {}, ("model.options.tasks.cca", "unknown task", "cca_ssg")),
+        (
+            "[model]\noptions.tasks = {retrieval = {}, graphmae = {mask_ratio = 0.4}}\n",
+            {},
+            ("model.options.tasks.graphmae.mask_ratio", "mask_rate"),
+        ),
+        ("[model]\noptions.tasks.infonce = {eps = 'big'}\n", {}, ("model.options.tasks.infonce.eps", "a number")),
+        (
+            "[model]\noptions.tasks.retrieval = {temperature = 0.2}\n",
+            {},
+            ("model.options.tasks.retrieval.temperature", "model.temperature"),
+        ),
         ('[model]\ndevice = "gpu0"\n', {}, ("model.device", "gpu0")),
         ("[model]\ndim = 32\n[kafka\n", {}, ("not valid TOML",)),
     ],

@@ -129,7 +129,7 @@ def test_state_dict_round_trip_keeps_spectral_base() -> None:
 
 
 def test_mgda_runs_with_parameter_free_propagation() -> None:
-    m = SSMTLModel(dim=8, tasks=("retrieval", "infonce"), balancing="mgda", device="cpu")
+    m = SSMTLModel(dim=8, tasks={"retrieval": {}, "infonce": {}}, balancing="mgda", device="cpu")
     report = m.fit_batch(next(_two_blocks(1)))
     assert report.steps == 1 and np.isfinite(report.loss)
 

@@ -46,7 +46,7 @@ def prequential_recall(model: SSMTLModel, batch: Batch, k: int = 10) -> float:
 
 
 def test_implements_protocol_and_reports_tasks():
-    m = small(balancing="mgda", tasks=("retrieval", "cca_ssg", "graphmae"))  # the default is retrieval only
+    m = small(balancing="mgda", tasks={"retrieval": {}, "cca_ssg": {}, "graphmae": {}})  # the default is retrieval only
     assert isinstance(m, RetrievalModel)
     report = m.fit_batch(next(community_stream(1, 256)))
     assert report.steps == 1 and m.version == 1
@@ -65,15 +65,15 @@ def test_implements_protocol_and_reports_tasks():
 
 
 def test_tasks_switch_off_and_fixed_weights_reported():
-    m = small(tasks=("retrieval", "graphmae"), task_weights={"graphmae": 0.3})
+    m = small(tasks={"retrieval": {}, "graphmae": {"weight": 0.3}})
     report = m.fit_batch(next(community_stream(1, 128)))
     assert report.task_weights == {"retrieval": 1.0, "graphmae": 0.3}
     with pytest.raises(ValueError):
-        small(tasks=("nope",))
+        small(tasks={"nope": {}})
 
 
 def test_new_ids_grow_tables_without_restart():
-    m = small(tasks=("retrieval",))
+    m = small()
     for b in range(3):
         users = np.arange(b * 1500, (b + 1) * 1500)
         m.fit_batch(Batch.of(users, users + 1_000_000))
@@ -160,7 +160,7 @@ def test_user_user_mode_trains_and_serves_targets():
 
 
 def test_side_features_feed_the_encoder():
-    m = small(item_feature_dim=3, tasks=("retrieval",))
+    m = small(item_feature_dim=3)
     batch = next(community_stream(1, 128))
     m.fit_batch(batch)
     items = m.known_items()[:5]
@@ -171,7 +171,7 @@ def test_side_features_feed_the_encoder():
 
 
 def test_backfill_runs_epochs_and_respects_the_budget():
-    m = small(tasks=("retrieval",))
+    m = small()
     batches = list(community_stream(4, 128))
     summary = backfill(m, lambda: iter(batches), epochs=3, progress=False)
     assert summary.epochs == 3 and summary.batches == 12 and summary.steps == 12

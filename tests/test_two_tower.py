@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from ebrflow.model.base import Batch
 from ebrflow.model.prior import PopularityPrior
-from ebrflow.model.two_tower import TwoTowerModel, finite_step
+from ebrflow.model.training import finite_step
+from ebrflow.model.two_tower import TwoTowerModel
 
 
 def community_batches(n_batches: int, seed: int = 0) -> list[Batch]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -78,10 +79,22 @@ class Subgraph:
 
 
 class Task(torch.nn.Module):
-    """A training objective: ``loss(subgraph, encoder)`` → scalar tensor. Task-specific heads live on the task."""
+    """A training objective: ``loss(subgraph, encoder)`` → scalar tensor. Task-specific heads live on the task.
 
-    name: str = "task"
+    ``Config`` is the frozen dataclass of the task's settings (``self.config``); ``fraction`` and ``negatives``
+    say what the step's subgraph must hold for it.
+    """
+
+    name: ClassVar[str] = "task"
+    Config: ClassVar[type] = object
+    default_weight: ClassVar[float] = 1.0  # loss weight under fixed balancing when none is given
     fraction: float | None = None  # share of roots a self-supervised task looks at (None: the whole batch)
+    negatives: int = 0  # extra random negative items the subgraph must sample
+
+    @classmethod
+    def build(cls, config: Any, dim: int) -> Task:
+        """The task with settings ``config`` for an encoder of ``dim`` dimensions (only heads need ``dim``)."""
+        return cls(config)
 
     def loss(self, subgraph: Subgraph, encoder: GraphEncoder) -> torch.Tensor:
         """The task's scalar loss on one step's subgraph."""

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from ebrflow.model.encoder import GraphEncoder
 from ebrflow.model.losses import sampled_softmax
 from ebrflow.model.tasks.base import Subgraph, Task
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Softmax ``temperature``, whether to apply the logQ correction, extra random negative items per step."""
+
+    temperature: float = 0.1
+    logq: bool = True
+    n_negatives: int = 0
 
 
 class RetrievalTask(Task):
@@ -16,27 +27,30 @@ class RetrievalTask(Task):
     """
 
     name = "retrieval"
+    Config = RetrievalConfig
+    default_weight = 1.0
 
-    def __init__(self, temperature: float = 0.1, logq: bool = True) -> None:
+    def __init__(self, config: RetrievalConfig | None = None) -> None:
         super().__init__()
-        self.temperature = temperature
-        self.logq = logq
+        self.config = config or RetrievalConfig()
+        self.negatives = self.config.n_negatives
 
     def loss(self, subgraph: Subgraph, encoder: GraphEncoder) -> torch.Tensor:
         """Weighted in-batch sampled-softmax loss."""
+        cfg = self.config
         xs = subgraph.inputs(encoder)
         u = encoder.propagate(xs[0], subgraph.users.masks, role="query")[0]
         v = encoder.propagate(xs[1], subgraph.items.masks, role="key")[0]
         extra, extra_log_q = None, None
         if subgraph.negatives is not None and len(subgraph.negatives):
             extra = encoder.propagate(xs[2], subgraph.negatives.masks, role="key")[0]
-            extra_log_q = subgraph.negative_log_q if self.logq else None
+            extra_log_q = subgraph.negative_log_q if cfg.logq else None
         return sampled_softmax(
             u,
             v,
             subgraph.item_rows,
-            self.temperature,
-            log_q=subgraph.log_q if self.logq else None,
+            cfg.temperature,
+            log_q=subgraph.log_q if cfg.logq else None,
             weights=subgraph.weights,
             extra_keys=extra,
             extra_log_q=extra_log_q,
