@@ -311,22 +311,27 @@ def render(out: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())
     meta, rows = data["meta"], data["results"]
     lines = [
-        "| variant | role | Recall@20 | NDCG@20 | train wall (s) | epochs started | spectral refits (s) | config |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | role | Recall@20 | NDCG@20 | train wall (s) | epochs started | steps (skipped) "
+        "| spectral refits (s) | config |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         refits = f"{r['spectral_refits']} ({r['spectral_s']:.0f})" if "spectral_refits" in r else ""
+        steps = f"{r['steps']} ({r['skipped_steps']})" if "steps" in r else ""
         if r["role"] in ("default", "variant"):
-            cfg = json.dumps(r.get("model_overrides") or {}) + f", refits per {r.get('refit_schedule')}"
+            cfg = f"{json.dumps(r.get('model_overrides') or {})}, refits per {r.get('refit_schedule')}"
+            if r.get("budget_min") != meta.get("minutes"):
+                cfg += f", budget {r.get('budget_min')} min"
         elif r["role"] == "peer":
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         else:
             cfg = "published, not run here" if r.get("note") == "published, not run here" else "see note below"
         lines.append(
             f"| {r['variant']} | {r['role']} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} "
-            f"| {_num(r.get('train_wall_s'), '.0f')} | {r.get('epochs_started', '')} | {refits} | {cfg} |"
+            f"| {_num(r.get('train_wall_s'), '.0f')} | {r.get('epochs_started', '')} | {steps} | {refits} | {cfg} |"
         )
     notes = [
+        "Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])) + ".",
         f"Gowalla, LightGCN split: {meta.get('test_users')} test users, full ranking over all "
         f"{meta.get('items')} items, train items masked.",
         "ebrflow rows: the shipped default model trained as `ebrflow backfill` trains it (`ebrflow.app.backfill_file`"
@@ -337,11 +342,12 @@ def render(out: Path) -> None:
         f"({meta.get('val_fraction')} of each user's train items), the best refitted on all of it and scored once "
         "on test; train wall = that final fit.",
     ]
+    notes += meta.get("findings", [])
     notes += [meta["caveat"]] if meta.get("caveat") else []
     footnotes = [
         f"- {r['variant']}: {r['note']}" for r in rows if r.get("note") and r["note"] != "published, not run here"
     ]
-    text = "## Gowalla benchmark\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + "\n".join(lines) + "\n"
+    text = "# Gowalla benchmark\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n" + "\n".join(lines) + "\n"
     if footnotes:
         text += "\n" + "\n".join(footnotes) + "\n"
     grids = [r for r in rows if r.get("validation_grid")]
