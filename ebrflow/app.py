@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -19,6 +20,7 @@ from ebrflow.config import ModelConfig, Settings
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.publisher import Publisher
+from ebrflow.model.backfill import BackfillSummary
 from ebrflow.model.base import RetrievalModel
 from ebrflow.model.checkpoint import CheckpointStore
 from ebrflow.model.prior import PopularityPrior
@@ -32,6 +34,7 @@ from ebrflow.ops.status import StatusLine
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.checkpointer import Checkpointer
+from ebrflow.stream.generator import EventArrays
 from ebrflow.stream.guard import RecallGuard
 from ebrflow.stream.kafka_io import DeadLetterWriter, ensure_topics, make_consumer, make_producer
 from ebrflow.stream.pipeline import Pipeline, RunSummary
@@ -74,6 +77,46 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
         model = TwoTowerModel(**common, temperature=cfg.temperature, **cfg.options)
     scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
     return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
+
+
+def backfill_file(
+    settings: Settings,
+    path: Path | str,
+    fmt: str,
+    epochs: int,
+    *,
+    progress: bool = False,
+    max_seconds: float | None = None,
+    spectral_refits: Literal["epoch", "stream"] = "epoch",
+) -> tuple[RetrievalModel, EventArrays, BackfillSummary]:
+    """What ``ebrflow backfill`` trains: ``build_model(settings.model)``, then ``epochs`` passes over the file's
+    events in time order, in batches of ``settings.batch.max_events`` (``model.backfill``: ``max_seconds`` stops
+    after the batch that crosses the budget; ``spectral_refits`` chooses the refit schedule). Returns the model,
+    the events and the summary; saves nothing."""
+    from ebrflow.model.backfill import backfill
+    from ebrflow.model.base import Batch
+    from ebrflow.stream.replay import as_arrays, read_events
+
+    events = as_arrays(read_events(path, fmt))
+    size = settings.batch.max_events
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(events), size):
+            stop = start + size
+            yield Batch.of(events.user_ids[start:stop], events.item_ids[start:stop], ts_ms=events.ts_ms[start:stop])
+
+    model = build_model(settings.model)
+    total = -(-len(events) // size)
+    summary = backfill(
+        model,
+        batches,
+        epochs,
+        progress=progress,
+        max_seconds=max_seconds,
+        total_batches=total,
+        spectral_refits=spectral_refits,
+    )
+    return model, events, summary
 
 
 def evaluator_for(settings: Settings, publisher: Publisher) -> PrequentialEvaluator:

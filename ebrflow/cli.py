@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -286,6 +286,10 @@ def backfill(
     fmt: Annotated[DataFormat, typer.Option("--format", help="Dataset format.")] = DataFormat.movielens,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the file.")] = 3,
     force: Annotated[bool, typer.Option(help="Replace existing checkpoints (e.g. of a live run).")] = False,
+    max_minutes: Annotated[
+        Optional[float],  # noqa: UP007, UP045
+        typer.Option(min=0, help="Stop training after the batch that crosses this wall-clock budget."),
+    ] = None,
     config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
@@ -295,13 +299,10 @@ def backfill(
     offsets (or the beginning); on start it re-publishes every backfilled embedding to Milvus. Existing
     checkpoints (a live run's state) are never replaced without ``--force``.
     """
-    from ebrflow.app import build_model, model_fingerprint
+    from ebrflow.app import backfill_file, model_fingerprint
     from ebrflow.indexer.seen import SeenItems
-    from ebrflow.model.backfill import backfill as run_backfill
-    from ebrflow.model.base import Batch
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.stream.checkpointer import Checkpointer
-    from ebrflow.stream.replay import as_arrays, read_events
 
     settings = _settings(config, log_format)
     from ebrflow.preflight import check_model
@@ -314,17 +315,10 @@ def backfill(
             "a backfill would replace it. Pass --force to do so, or use another run.data_dir."
         )
         raise typer.Exit(78)
-    events = as_arrays(read_events(path, fmt.value))
-    size = settings.batch.max_events
-
-    def batches() -> Iterator[Batch]:
-        for start in range(0, len(events), size):
-            stop = start + size
-            yield Batch.of(events.user_ids[start:stop], events.item_ids[start:stop], ts_ms=events.ts_ms[start:stop])
-
-    model = build_model(settings.model)
-    bar = console.is_terminal and not logs.json_mode()
-    summary = run_backfill(model, batches, epochs, progress=bar, total_batches=-(-len(events) // size))
+    budget = None if max_minutes is None else max_minutes * 60
+    model, events, summary = backfill_file(
+        settings, path, fmt.value, epochs, progress=console.is_terminal and not logs.json_mode(), max_seconds=budget
+    )
     seen = SeenItems(settings.milvus.seen_capacity)
     seen.add(events.user_ids, events.item_ids)
     Checkpointer(store, model, seen, fingerprint=model_fingerprint(settings.model)).batch_done(
@@ -333,7 +327,8 @@ def backfill(
     losses = ", ".join(f"{x:.3f}" for x in summary.epoch_losses)
     _say(
         f"backfilled {len(events):,} events × {summary.epochs} epochs in {summary.seconds:.1f} s "
-        f"(loss per epoch: {losses}); checkpoint at model version {model.version} in {store.directory}"
+        f"(loss per epoch: {losses}; {summary.spectral_refits} spectral refits, {summary.spectral_seconds:.1f} s); "
+        f"checkpoint at model version {model.version} in {store.directory}"
     )
 
 

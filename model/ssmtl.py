@@ -138,6 +138,9 @@ class SSMTLModel:
         self.task_weights: dict[str, float] = {}  # task name → loss weight (fixed balancing)
         for spec in specs:
             self.add_task(spec.build(dim), spec.weight)
+        # "stream": the growth schedule above; "double": refit only once the events since the last fit reach the
+        # edges it saw (the graph at most doubled: O(log edges) fits while a backfill builds the graph); "off": none
+        self.refit_schedule: Literal["stream", "double", "off"] = "stream"
         self.frequency = ItemFrequency()
         self.reservoir = Reservoir(reservoir_size, seed)
         self._is_target = np.zeros(0, dtype=bool)
@@ -204,16 +207,25 @@ class SSMTLModel:
         """Refit the spectral layer-0 vectors once ``max(spectral_every, spectral_growth × edges at the last fit)``
         events arrived since it: with ``spectral_growth`` > 0 a fit's O(edges) cost is spread over a number of
         events that grows with the graph, so the cost per event stays flat as the graph grows."""
-        if not self.spectral:
+        if not self.spectral or (self.refit_schedule == "off" and self._since_refit is not None):
             return
         self._since_refit = None if self._since_refit is None else self._since_refit + n_events
-        due = max(self.spectral_every, self.spectral_growth * self._fitted_edges)
+        growth = 1.0 if self.refit_schedule == "double" else self.spectral_growth
+        due = max(self.spectral_every, growth * self._fitted_edges)
         if self._since_refit is None or self._since_refit >= due:
             try:
                 self.refit_spectral()
             except Exception:  # noqa: BLE001 - a failed fit must not stop the stream: keep the last one
                 log.exception("spectral refit failed; keeping the previous spectral vectors until the next one")
                 self._since_refit = 0
+
+    def refit_if_changed(self) -> bool:
+        """Refit the spectral layer now if the graph's distinct edges differ from the last fit's (a backfill calls
+        this at each epoch's end, so training continues on a fit of the complete graph); True if it refitted."""
+        if not self.spectral or self.graph.history_matrix().nnz == self._fitted_edges:
+            return False
+        self.refit_spectral()
+        return True
 
     def refit_spectral(self) -> None:
         """Spectral embeddings of the live graph as every node's fixed layer-0 vector, aligned to the last fit.

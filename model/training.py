@@ -19,9 +19,12 @@ class StepResult(NamedTuple):
 
 
 def finite_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
-    """Backpropagate ``loss`` and step only if the loss and every gradient are finite.
+    """Backpropagate ``loss`` and step only if the loss and every gradient are finite, squares included.
 
-    Returns False (weights untouched, gradients cleared) when anything is NaN or inf.
+    Returns False (weights untouched, gradients cleared) when anything is NaN or inf, or a gradient's square
+    overflows (|g| > ~1.8e19 in float32): Adam would store an infinite second moment and turn the row's weights
+    into NaN at its next update (seen on Gowalla: SimGCL views of zero-initialised rows gave |g| ≈ 4e19 on the
+    first step, and every later step was skipped).
     """
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
@@ -33,7 +36,7 @@ def finite_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
             if g is None:
                 continue
             values = g.coalesce().values() if g.is_sparse else g
-            if not torch.isfinite(values).all():
+            if not torch.isfinite(values.square()).all():  # NaN/inf, or a square Adam cannot hold
                 optimizer.zero_grad(set_to_none=True)
                 return False
     optimizer.step()

@@ -10,13 +10,29 @@ from bench import gowalla, task_cost
 @pytest.mark.skipif(not (gowalla.DATA / "train.txt.gz").exists(), reason="Gowalla data not on this machine")
 def test_gowalla_smoke(tmp_path):
     out = tmp_path / "gowalla.json"
-    rows = gowalla.main(["--minutes", "0.02", "--epochs", "1", "--max-users", "150", "--out", str(out)])
-    assert [r["variant"] for r in rows] == list(gowalla.VARIANTS)
-    saved = json.loads(out.read_text())
-    assert len(saved["results"]) == 3
-    for r in saved["results"]:
-        assert 0.0 <= r["recall@20"] <= 1.0 and 0.0 <= r["ndcg@20"] <= 1.0 and r["batches"] >= 1
-    assert "| ssmtl-mgda |" in out.with_suffix(".md").read_text()
+    args = ["--minutes", "0.02", "--max-users", "150", "--grid-size", "1", "--out", str(out)]
+    rows = gowalla.main([*args, "--models", "default,retrieval+infonce", "--peers", "als,bpr,published"])
+    saved = json.loads(out.read_text())["results"]
+    assert {r["variant"] for r in rows} == {r["variant"] for r in saved}
+    roles = {r["variant"]: r["role"] for r in saved}
+    assert roles["default"] == "default" and roles["retrieval+infonce"] == "variant"
+    assert roles["implicit ALS (tuned on validation)"] == "peer" and "published" in roles.values()
+    for r in saved:
+        assert {"variant", "recall@20", "ndcg@20", "train_wall_s", "role"} <= set(r)
+        assert 0.0 <= r["recall@20"] <= 1.0 and 0.0 <= r["ndcg@20"] <= 1.0
+    default = next(r for r in saved if r["role"] == "default")
+    assert default["batches"] >= 1 and default["spectral_refits"] >= 1 and default["config"]["kind"] == "ssmtl"
+    assert "| default | default |" in out.with_suffix(".md").read_text()
+
+
+def test_gowalla_validation_split_is_carved_from_train_only():
+    import numpy as np
+
+    train = {0: np.arange(20), 1: np.arange(5, 7), 2: np.array([9])}
+    fit, val = gowalla.carve_validation(train, 0.1, seed=0)
+    assert len(val[0]) == 2 and len(val[1]) == 1 and 2 not in val and len(fit[2]) == 1
+    for u in train:
+        assert sorted(np.r_[fit[u], val.get(u, [])].tolist()) == sorted(train[u].tolist())
 
 
 def test_gowalla_metrics_on_a_hand_made_ranking():
@@ -25,11 +41,8 @@ def test_gowalla_metrics_on_a_hand_made_ranking():
     class Fixed:
         dim = 2
 
-        class graph:  # noqa: N801 - mimics the model's attribute
-            class users:  # noqa: N801
-                @staticmethod
-                def ids():
-                    return np.array([0])
+        def known_users(self):
+            return np.array([0])
 
         def known_items(self):
             return np.array([0, 1, 2])

@@ -180,6 +180,35 @@ def test_backfill_runs_epochs_and_respects_the_budget():
     assert short.stopped_early and short.batches == 1
 
 
+def test_backfill_refits_the_spectral_layer_per_epoch_not_per_growth_step():
+    """Backfill refits while the graph doubles and once per epoch's end (and only if the graph changed); the
+    streaming schedule (every ``spectral_growth`` of the graph) is restored afterwards and still used by
+    ``spectral_refits="stream"``."""
+    from ebrflow.model.prior import PopularityPrior
+
+    batches = [
+        Batch.of(u, i, ts_ms=np.arange(len(u)))
+        for u, i in (
+            (np.arange(64) % 40, 10_000 + np.arange(64) % 25),  # distinct edges, all new
+            *(((np.arange(64) * 7 + b) % 320, 10_000 + (np.arange(64) * 3 + b) % 200) for b in range(1, 24)),
+        )
+    ]
+    streamed = small(spectral_every=32, spectral_growth=0.01)
+    s_stream = backfill(streamed, lambda: iter(batches), epochs=3, progress=False, spectral_refits="stream")
+    m = small(spectral_every=32, spectral_growth=0.01)
+    wrapped = PopularityPrior(m)  # what build_model serves: the schedule is found inside the wrapper
+    summary = backfill(wrapped, lambda: iter(batches), epochs=3, progress=False)
+    assert s_stream.spectral_refits == 3 * len(batches)  # every batch (64 events ≥ max(32, 1% of edges))
+    assert summary.spectral_refits <= 8 and summary.spectral_seconds > 0
+    assert m._fitted_edges == m.graph.history_matrix().nnz  # the last fit saw the complete graph
+    assert m.refit_schedule == "stream" and not m.refit_if_changed()
+    refits = summary.spectral_refits
+    summary = backfill(wrapped, lambda: iter(batches), epochs=2, progress=False)  # same file again: no new edges
+    assert summary.spectral_refits <= 1 and refits >= 2  # at most once, when its events reach the fitted edges
+    m.fit_batch(Batch.of(np.arange(40), np.full(40, 99_999)))  # 40 new edges ≥ max(32, 1%): the stream schedule
+    assert m._fitted_edges == m.graph.history_matrix().nnz
+
+
 @pytest.mark.parametrize(
     "kw",
     [

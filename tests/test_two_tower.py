@@ -69,6 +69,9 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights() -> None:
     loss = model.item_table(torch.tensor([0])).sum() * float("nan")
     assert not finite_step(model._optimizer, loss)
     assert torch.equal(before, model.item_table.weight.detach()) and model.version == version
+    huge = model.item_table(torch.tensor([0])).sum() * 1e20  # finite, but its square overflows Adam's state
+    assert not finite_step(model._optimizer, huge)
+    assert torch.equal(before, model.item_table.weight.detach())
 
 
 def test_state_round_trips_through_weights_only_load() -> None:
