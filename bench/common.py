@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from ebrflow.model.base import Batch
 from ebrflow.ops.prequential import Evaluation, Prequential, ranks_in, top_k
 from ebrflow.stream.generator import EventArrays
@@ -33,9 +34,8 @@ SYNTHETIC = "synthetic"  # the built-in generator with the demo's settings (60,0
 
 def synthetic_events(n_events: int = 60_000) -> EventArrays:
     """The stream ``ebrflow demo`` replays: ``SyntheticStream`` with ``DemoConfig`` defaults."""
-    from ebrflow.stream.generator import SyntheticStream
-
     from ebrflow.config import DemoConfig
+    from ebrflow.stream.generator import SyntheticStream
 
     d = DemoConfig()
     gen = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from ebrflow.stream.broker import EmbeddedBroker
-from ebrflow.stream.kafka_io import ensure_topics, make_producer
-from ebrflow.stream.replay import Pacer
-from ebrflow.stream.schema import Event, EventCodec
 
 from bench.harness import quantiles, quiet_logs, start_timed_trainer, synthetic, trainer_settings
 from bench.output import Run, add_common_args, table
 from bench.plots import cdfs
 from ebrflow.app import Trainer
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.kafka_io import ensure_topics, make_producer
+from ebrflow.stream.replay import Pacer
+from ebrflow.stream.schema import Event, EventCodec
 
 NEW_ITEM_BASE = 10**12
 

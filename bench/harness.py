@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ebrflow.app import Trainer, build_trainer
+from ebrflow.config import Settings, load_settings
 from ebrflow.ops.metrics import STAGES, PipelineMetrics
 from ebrflow.stream.generator import EventArrays, SyntheticStream
 from ebrflow.stream.kafka_io import ensure_topics, make_producer
 from ebrflow.stream.replay import events_from_arrays, produce
-
-from ebrflow.app import Trainer, build_trainer
-from ebrflow.config import Settings, load_settings
 
 
 def quiet_logs() -> None:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from ebrflow.stream.generator import EventArrays
 
 from bench.common import DATASETS, SYNTHETIC, StreamResult, evaluate_stream, load_dataset
 from bench.output import Run, add_common_args, table
@@ -42,6 +41,7 @@ from bench.scorers import (
     implicit_available,
     river_factory,
 )
+from ebrflow.stream.generator import EventArrays
 
 Params = dict[str, Any]
 SSMTL_DEFAULT_TASKS = ("retrieval",)  # keep equal to the task names of ``model.ssmtl.DEFAULT_TASKS``

@@ -58,13 +58,13 @@ def proc_status_kib(field: str) -> int:
 def train_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Train + publish ``cfg['events']`` synthetic events in batches of ``cfg['batch']``; costs and memory."""
     import torch
+
+    from ebrflow.app import build_model
+    from ebrflow.config import ModelConfig
     from ebrflow.indexer.milvus_store import MilvusStore, connect
     from ebrflow.indexer.publisher import Publisher
     from ebrflow.model.base import Batch
     from ebrflow.stream.generator import SyntheticStream
-
-    from ebrflow.app import build_model
-    from ebrflow.config import ModelConfig
 
     gen = SyntheticStream(users=cfg["users"], items=cfg["items"], seed=7)
     chunks = list(gen.chunks(cfg["events"], chunk=min(cfg["events"], 20_000)))
@@ -134,13 +134,13 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     under cProfile afterwards.
     """
     import torch
+
+    from ebrflow.app import build_model
+    from ebrflow.config import ModelConfig
     from ebrflow.indexer.milvus_store import MilvusStore, connect
     from ebrflow.indexer.publisher import Publisher
     from ebrflow.model.base import Batch
     from ebrflow.stream.generator import SyntheticStream
-
-    from ebrflow.app import build_model
-    from ebrflow.config import ModelConfig
 
     torch.set_num_threads(cfg["torch_threads"])
     n_nodes, batch_size, chunk = cfg["nodes"], cfg["batch"], 20_000

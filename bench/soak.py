@@ -21,14 +21,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from ebrflow.stream.broker import EmbeddedBroker  # noqa: E402
-from ebrflow.stream.generator import SyntheticStream  # noqa: E402
-from ebrflow.stream.kafka_io import ensure_topics, make_producer  # noqa: E402
-from ebrflow.stream.replay import events_from_arrays, produce  # noqa: E402
 
 from bench.harness import quiet_logs, trainer_settings  # noqa: E402
 from bench.output import Run, add_common_args, table  # noqa: E402
 from ebrflow.app import build_trainer  # noqa: E402
+from ebrflow.stream.broker import EmbeddedBroker  # noqa: E402
+from ebrflow.stream.generator import SyntheticStream  # noqa: E402
+from ebrflow.stream.kafka_io import ensure_topics, make_producer  # noqa: E402
+from ebrflow.stream.replay import events_from_arrays, produce  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ebrflow.model.balancing import MGDA, min_norm_weights
 from ebrflow.model.base import Batch
 from ebrflow.model.ssmtl import SSMTLModel

@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from ebrflow.model.base import Batch
-from ebrflow.model.two_tower import TwoTowerModel
-from ebrflow.stream.broker import EmbeddedBroker
-from ebrflow.stream.generator import EventArrays
-from ebrflow.stream.schema import EventCodec
 from kafka import KafkaConsumer, TopicPartition
 
 from bench.harness import STAGES, preproduce, quiet_logs, run_trainer, synthetic, trainer_settings
 from bench.output import Run, add_common_args, fmt, fmt_range, summary, table
 from bench.plots import hbars
+from ebrflow.model.base import Batch
+from ebrflow.model.two_tower import TwoTowerModel
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.generator import EventArrays
+from ebrflow.stream.schema import EventCodec
 
 
 def consume_rate(bootstrap: str, topic: str, n: int, decode: bool) -> float:

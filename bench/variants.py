@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ebrflow.stream.broker import EmbeddedBroker
-
 from bench.harness import preproduce, quiet_logs, run_trainer, synthetic, trainer_settings
 from bench.output import Run, add_common_args, table
+from ebrflow.stream.broker import EmbeddedBroker
 
 CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "no variant": {},

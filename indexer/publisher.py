@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ebrflow.indexer.milvus_store import MilvusStore
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.seen import SeenItems

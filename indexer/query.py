@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from ebrflow.indexer.generations import Generations
-from ebrflow.indexer.milvus_store import connect
 from pymilvus import MilvusClient
 from pymilvus.client.types import LoadState
+
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.milvus_store import connect
 
 MAX_TOPK = 16384  # Milvus' cap on one search's hits per query vector
 OnUnknown = Literal["raise", "empty", "popular"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from ebrflow.indexer.milvus_store import MilvusStore
 
 log = logging.getLogger(__name__)

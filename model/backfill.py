@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from ebrflow.model.base import Batch, RetrievalModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ebrflow.model.base import Batch, RetrievalModel
 
 
 @dataclass

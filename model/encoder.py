@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ebrflow.model.tables import GrowableEmbedding
 from ebrflow.model.views import perturb
 

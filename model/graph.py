@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
+
 from ebrflow.model.tables import IdIndex
 
 USER, ITEM = 0, 1

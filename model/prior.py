@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from ebrflow.model.base import Batch, RetrievalModel, TrainReport
 from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.tables import IdIndex

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ebrflow.model.balancing import make_balancer
 from ebrflow.model.base import Batch, TrainReport
 from ebrflow.model.encoder import GraphEncoder, Tree

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
 from ebrflow.model.base import TrainReport
 
 

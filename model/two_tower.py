@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ebrflow.model.base import Batch, TrainReport
 from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.graph import RingBuffers

@@ -19,9 +19,10 @@ from collections import deque
 from typing import Literal
 
 import numpy as np
+from river.drift import ADWIN, PageHinkley
+
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.publisher import Published
-from river.drift import ADWIN, PageHinkley
 
 Direction = Literal["up", "down"]
 DetectorKind = Literal["adwin", "page_hinkley"]

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from ebrflow.stream.schema import REASONS
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -25,6 +24,8 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from ebrflow.stream.schema import REASONS
 
 disable_created_metrics()
 

@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 import numpy as np
+
 from ebrflow.model.base import Batch
 from ebrflow.ops.drift import NoDrift, cosine_shift
 from ebrflow.ops.history import BatchRecord, HistoryWriter

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.seen import SeenItems
 from ebrflow.model.base import Batch

@@ -19,9 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.dates as mdates  # noqa: E402 - the backend must be chosen first
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from ebrflow.ops.history import BatchRecord, read_history  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from ebrflow.ops.history import BatchRecord, read_history  # noqa: E402
 
 SIGNAL_COLOURS = {
     "recall": "tab:red",

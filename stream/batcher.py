@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
 from ebrflow.model.base import Batch
 from ebrflow.stream.schema import Event
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
 from ebrflow.indexer.seen import SeenItems
 from ebrflow.model.base import RetrievalModel
 from ebrflow.model.checkpoint import CheckpointStore

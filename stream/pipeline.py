@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, TextIO, TypeVar
 
 import numpy as np
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError
+
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.publisher import Published, Publisher
 from ebrflow.indexer.sink import MilvusSink, SinkStopped, UpsertJob
@@ -24,9 +28,6 @@ from ebrflow.stream.pausing import PartitionGate
 from ebrflow.stream.refresh import RollingRefresh
 from ebrflow.stream.schema import EventCodec, InvalidEvent
 from ebrflow.stream.shadow import Variant
-from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

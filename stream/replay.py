@@ -11,9 +11,10 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+from kafka import KafkaProducer
+
 from ebrflow.stream.generator import EventArrays
 from ebrflow.stream.schema import Event, EventCodec
-from kafka import KafkaProducer
 
 FORMATS = ("movielens", "snap", "csv", "jsonl")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch, RetrievalModel

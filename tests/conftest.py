@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ebrflow.stream.broker import EmbeddedBroker
 
 from ebrflow.config import Settings, load_settings
+from ebrflow.stream.broker import EmbeddedBroker
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _counter = itertools.count()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
+
 from ebrflow.stream.generator import SyntheticStream
 from ebrflow.stream.replay import events_from_arrays
 from ebrflow.stream.schema import EventCodec

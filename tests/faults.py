@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.schema import Event, EventCodec
 

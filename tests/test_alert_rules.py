@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ebrflow.ops.metrics import PipelineMetrics
 
 import tests.promql
+from ebrflow.ops.metrics import PipelineMetrics
 from tests.promql import dashboard_queries, exported_series, metric_names, selectors
 
 ROOT = Path(__file__).resolve().parents[1]

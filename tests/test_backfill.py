@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from ebrflow.stream.generator import SyntheticStream
 from typer.testing import CliRunner
 
 from ebrflow.app import build_trainer
 from ebrflow.cli import app
 from ebrflow.config import Settings
+from ebrflow.stream.generator import SyntheticStream
 
 
 def test_backfilled_model_is_served_by_the_next_run(settings: Settings, tmp_path: Path) -> None:

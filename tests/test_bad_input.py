@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import hypothesis.strategies as st
-from ebrflow.stream.schema import REASONS, Event, EventCodec, InvalidEvent
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from ebrflow.stream.schema import REASONS, Event, EventCodec, InvalidEvent
 from tests.faults import produce_interleaved
 
 NOW = 1_800_000_000_000

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from ebrflow.model.base import Batch
 
 from bench.scorers import CommonNeighboursScorer, ImplicitScorer, ItemKNNScorer, implicit_available
+from ebrflow.model.base import Batch
 
 
 def test_item_knn_cosine_matches_brute_force() -> None:

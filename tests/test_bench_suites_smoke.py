@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ebrflow.stream.generator import EventArrays
 
 from bench.common import DATASETS, evaluate_stream
 from bench.scorers import PopularityScorer, river_factory, river_scores
+from ebrflow.stream.generator import EventArrays
 
 COMMON_KEYS = {"suite", "title", "command", "machine", "settings", "results", "tables", "notes", "plots", "wall_s"}
 

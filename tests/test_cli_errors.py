@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ebrflow.stream.broker import EmbeddedBroker
 
 from ebrflow import __version__
 from ebrflow.config import load_settings
 from ebrflow.render import MASK
+from ebrflow.stream.broker import EmbeddedBroker
 
 if sys.version_info >= (3, 11):
     import tomllib

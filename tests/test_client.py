@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ebrflow.client import NothingServed, QueryClient, UnknownUser
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch
 from ebrflow.model.prior import PopularityPrior
 from ebrflow.model.two_tower import TwoTowerModel
-
-from ebrflow.client import NothingServed, QueryClient, UnknownUser
 from tests.faults import milvus_lite_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ebrflow.model.checkpoint import CheckpointStore
-from ebrflow.stream.broker import EmbeddedBroker
 
 from ebrflow.app import build_model, open_store
 from ebrflow.config import load_settings
+from ebrflow.model.checkpoint import CheckpointStore
+from ebrflow.stream.broker import EmbeddedBroker
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
 
 FIRST, LATER = 120_000, 40_000  # the first lot goes to partitions 0-2 only; the later one to all four

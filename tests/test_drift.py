@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.publisher import Published
 from ebrflow.ops.drift import DriftMonitor, NoDrift, SignalDetector, cosine_shift, jaccard_rows

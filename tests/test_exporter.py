@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import urllib.request
 
-from ebrflow.ops.metrics import PipelineMetrics
 from prometheus_client.parser import text_string_to_metric_families
+
+from ebrflow.ops.metrics import PipelineMetrics
 
 
 def scrape(port: int) -> dict[str, list]:

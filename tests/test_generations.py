@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ebrflow.indexer.generations import Generations
-from ebrflow.indexer.milvus_store import MilvusStore, connect
-from ebrflow.indexer.query import NothingServed, QueryClient
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.milvus_store import MilvusStore, connect
+from ebrflow.indexer.query import NothingServed, QueryClient
 from tests.faults import send_events, trained_count
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from ebrflow.app import build_trainer
+from ebrflow.config import Settings
 from ebrflow.ops.prequential import ranks_in, top_k
 from ebrflow.stream.generator import EventArrays, SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.replay import events_from_arrays
 from ebrflow.stream.schema import EventCodec
-
-from ebrflow.app import build_trainer
-from ebrflow.config import Settings
 
 CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
 CURVE = (10, CLEAN_BEFORE, CLEAN_BEFORE + POISON // 2, CLEAN_BEFORE + POISON, CLEAN_BEFORE + POISON + 15)

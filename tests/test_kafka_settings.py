@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ebrflow.stream.broker import EmbeddedBroker
-from ebrflow.stream.kafka_auth import StaticToken
-from ebrflow.stream.kafka_io import ensure_topics, make_admin, make_consumer, make_producer
-from ebrflow.stream.schema import Event, EventCodec
 from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import ConfigError, Settings, load_settings
 from ebrflow.render import MASK, masked
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.kafka_auth import StaticToken
+from ebrflow.stream.kafka_io import ensure_topics, make_admin, make_consumer, make_producer
+from ebrflow.stream.schema import Event, EventCodec
 from tests.test_cli_errors import ebrflow, one_error
 
 

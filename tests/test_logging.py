@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from ebrflow.ops.metrics import PipelineMetrics
-from ebrflow.ops.status import StatusLine
 
 from ebrflow.config import Settings
 from ebrflow.logs import JsonFormatter
+from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.status import StatusLine
 from tests.faults import send_events
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+
 from ebrflow.model.base import Batch
 from ebrflow.model.encoder import GraphEncoder, NeighbourMean, combine_layers
 from ebrflow.model.graph import USER, EdgeLog, GraphStore

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from ebrflow.model.balancing import MGDA, min_norm_weights
-from ebrflow.model.losses import cca_ssg_loss, cca_ssg_terms, info_nce, sampled_softmax, scaled_cosine_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ebrflow.model.balancing import MGDA, min_norm_weights
+from ebrflow.model.losses import cca_ssg_loss, cca_ssg_terms, info_nce, sampled_softmax, scaled_cosine_error
 
 
 def whitened(n: int = 64, d: int = 4, seed: int = 0) -> torch.Tensor:

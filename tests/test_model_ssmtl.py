@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from ebrflow.model.backfill import backfill
 from ebrflow.model.base import Batch, RetrievalModel
 from ebrflow.model.ssmtl import SSMTLModel
@@ -255,8 +256,9 @@ def test_warm_started_refits_rank_like_the_arpack_fit():
 def test_a_failing_svd_never_stops_training(monkeypatch, caplog):
     """ARPACK error 3 (seen once in CI on a small graph) falls back to a dense SVD; any other refit failure keeps
     the previous spectral vectors."""
-    import ebrflow.model.spectral as spectral
     from scipy.sparse.linalg import ArpackError
+
+    import ebrflow.model.spectral as spectral
 
     def arpack_fails(*args, **kwargs):
         raise ArpackError(3)

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
 from ebrflow.model.base import Batch
 from ebrflow.model.ssmtl import SSMTLModel
 from ebrflow.model.tasks import (
@@ -141,12 +142,11 @@ def test_config_tasks_reach_the_model_with_model_temperature():
 
 
 def test_a_checkpoint_restores_only_into_the_same_task_settings(tmp_path):
+    from ebrflow.app import build_model, model_fingerprint
+    from ebrflow.config import ModelConfig
     from ebrflow.indexer.seen import SeenItems
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.stream.checkpointer import Checkpointer, CheckpointMismatch
-
-    from ebrflow.app import build_model, model_fingerprint
-    from ebrflow.config import ModelConfig
 
     tasks = {"retrieval": {}, "infonce": {"weight": 0.2}}
     cfg = ModelConfig(dim=8, device="cpu", options={"tasks": tasks})

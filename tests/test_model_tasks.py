@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from ebrflow.model.base import Batch
 from ebrflow.model.ssmtl import SSMTLModel
 from ebrflow.model.tasks import TASKS, GraphMAETask

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import torch
+
 from ebrflow.model.training import StepResult, finite_step, train_chunks
 
 

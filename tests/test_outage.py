@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from ebrflow.stream.broker import EmbeddedBroker, port_answers
-from ebrflow.stream.kafka_io import ensure_topics, make_producer
-from ebrflow.stream.schema import Event, EventCodec
 from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings, load_settings
+from ebrflow.stream.broker import EmbeddedBroker, port_answers
+from ebrflow.stream.kafka_io import ensure_topics, make_producer
+from ebrflow.stream.schema import Event, EventCodec
 from tests.crash_harness import coverage
 from tests.faults import FlakyMilvus, s3_server, trained_count, wait_for
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
-from ebrflow.stream.pausing import PartitionGate
 from hypothesis import given, settings
 from kafka import TopicPartition
+
+from ebrflow.stream.pausing import PartitionGate
 
 TOPIC = "t"
 

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ebrflow.stream.generator import SyntheticStream
-from ebrflow.stream.kafka_io import make_producer
-from ebrflow.stream.replay import events_from_arrays
-from ebrflow.stream.schema import EventCodec
 from kafka import KafkaConsumer
 from typer.testing import CliRunner
 
 from ebrflow.app import build_trainer
 from ebrflow.cli import app
 from ebrflow.config import Settings
+from ebrflow.stream.generator import SyntheticStream
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.replay import events_from_arrays
+from ebrflow.stream.schema import EventCodec
 
 BAD = [
     b"{oops",

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ebrflow.app import build_trainer
+from ebrflow.config import Settings
 from ebrflow.ops.drift import DriftMonitor
 from ebrflow.ops.history import BatchRecord, read_history
 from ebrflow.stream.generator import SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.replay import events_from_arrays, produce
-
-from ebrflow.app import build_trainer
-from ebrflow.config import Settings
 
 EVENTS, SHIFT_AT, BATCH = 40_000, 20_000, 512
 

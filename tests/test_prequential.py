@@ -1,13 +1,13 @@
 """The one prequential core: the live evaluator (served mirrors) and the benchmarks' evaluation agree event by event."""
 
 import numpy as np
+
+from bench.common import batches, evaluate_stream
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.seen import SeenItems
 from ebrflow.model.base import Batch
 from ebrflow.ops.prequential import Prequential, PrequentialEvaluator
 from ebrflow.stream.generator import EventArrays
-
-from bench.common import batches, evaluate_stream
 
 RNG = np.random.default_rng(11)
 USERS, ITEMS, DIM, BATCH = 40, 60, 8, 50

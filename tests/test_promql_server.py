@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ebrflow.ops.metrics import STAGES, PipelineMetrics
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from ebrflow.ops.metrics import STAGES, PipelineMetrics
 from tests.promql import ALERT_RULES, DASHBOARD, PrometheusQueryError, PrometheusServer, dashboard_queries
 
 # Representative values for every bounded label in ops/metrics.py; an unknown label gets "test".

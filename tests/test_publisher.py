@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pymilvus import MilvusClient
+
 from ebrflow.indexer.milvus_store import MilvusStore
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.indexer.sink import UpsertJob, write
-from pymilvus import MilvusClient
 
 DIM = 4
 U = np.array([7])

@@ -6,15 +6,15 @@ import threading
 import time
 
 import numpy as np
-from ebrflow.stream.kafka_io import make_producer
-from ebrflow.stream.refresh import RollingRefresh
-from ebrflow.stream.schema import Event, EventCodec
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.refresh import RollingRefresh
+from ebrflow.stream.schema import Event, EventCodec
 from tests.faults import trained_count, wait_for
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ebrflow.indexer.generations import Generations
-from ebrflow.stream.broker import EmbeddedBroker
-from ebrflow.stream.schema import Event
 from kafka import KafkaConsumer
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings, load_settings
+from ebrflow.indexer.generations import Generations
+from ebrflow.stream.broker import EmbeddedBroker
+from ebrflow.stream.schema import Event
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
 from tests.faults import FlakyMilvus, milvus_lite_server, produce_interleaved, send_events, trained_count, wait_for
 
@@ -312,12 +312,11 @@ def test_poison_records_are_dead_lettered_and_valid_ones_trained(settings: Setti
 def test_damaged_newest_checkpoint_falls_back(
     settings: Settings, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from ebrflow.app import build_model, model_fingerprint
     from ebrflow.indexer.seen import SeenItems
     from ebrflow.model.base import Batch
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.stream.checkpointer import Checkpointer, CheckpointMismatch
-
-    from ebrflow.app import build_model, model_fingerprint
 
     model = build_model(settings.model)
     store = CheckpointStore(tmp_path / "ckpt", keep=3)

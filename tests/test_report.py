@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+
 from ebrflow.ops.history import BatchRecord, HistoryWriter
 from ebrflow.ops.report import make_report, rolling_mean
 

@@ -2,6 +2,7 @@ import math
 
 import msgspec
 import pytest
+
 from ebrflow.stream.schema import REASONS, Event, EventCodec, InvalidEvent
 
 codec = EventCodec(max_bytes=512)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.query import QueryClient

@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from ebrflow.indexer.sink import MilvusSink, SinkStopped, UpsertJob
 from kafka import KafkaConsumer, TopicPartition
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from ebrflow.indexer.sink import MilvusSink, SinkStopped, UpsertJob
 from tests.faults import send_events, trained_count, wait_for
 
 

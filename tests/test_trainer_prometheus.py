@@ -9,12 +9,12 @@ import time
 from itertools import takewhile
 
 import pytest
-from ebrflow.stream.generator import SyntheticStream
-from ebrflow.stream.kafka_io import make_producer
-from ebrflow.stream.replay import Pacer, events_from_arrays, produce
 
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
+from ebrflow.stream.generator import SyntheticStream
+from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.replay import Pacer, events_from_arrays, produce
 from tests.promql import ALERT_RULES, PrometheusServer, dashboard_queries
 
 

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import torch
+
 from ebrflow.model.base import Batch
 from ebrflow.model.prior import PopularityPrior
 from ebrflow.model.training import finite_step

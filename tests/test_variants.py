@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from ebrflow.indexer.generations import Generations
-from ebrflow.indexer.query import QueryClient
-from ebrflow.stream.shadow import variant_prefix
 from typer.testing import CliRunner
 
 from ebrflow.app import build_trainer
 from ebrflow.cli import app
 from ebrflow.config import Settings
+from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.query import QueryClient
+from ebrflow.stream.shadow import variant_prefix
 from tests.faults import send_events
 
 

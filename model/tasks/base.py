@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from ebrflow.model.encoder import GraphEncoder, Tree
 
 

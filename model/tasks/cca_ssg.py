@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ebrflow.model.encoder import GraphEncoder
 from ebrflow.model.losses import cca_ssg_loss
 from ebrflow.model.tasks.base import Subgraph, Task

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ebrflow.model.encoder import GraphEncoder, MeanAggregation, Tree, masked_mean
 from ebrflow.model.losses import scaled_cosine_error
 from ebrflow.model.tasks.base import Subgraph, Task

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ebrflow.model.encoder import GraphEncoder
 from ebrflow.model.losses import sampled_softmax
 from ebrflow.model.tasks.base import Subgraph, Task
