@@ -189,6 +189,9 @@ def demo(
         f"indexed in Milvus: {summary.extra['items_indexed']:,.0f} items, {summary.extra['users_indexed']:,.0f} users "
         f"at {settings.milvus.uri}"
     )
+    users = trainer.model.known_users()
+    if len(users):  # the demo has its own Milvus Lite file: name it, so the next command a user tries works
+        _say(f"try: EBRFLOW_MILVUS__URI={settings.milvus.uri} ebrflow query --user {int(users[-1])} -k 10")
     if summary.trained == 0:
         raise typer.Exit(1)
 
