@@ -20,20 +20,31 @@ from ebrflow.model.views import perturb
 class Tree:
     """A sampled computation tree on the device: per hop the node rows, validity mask and node type.
 
-    Hop 0 holds the roots (B,); hop k has shape (B, f1, ..., fk).
+    Hop 0 holds the roots (B,); hop k has shape (B, f1, ..., fk). ``coefs`` (optional, per hop, shaped like its
+    rows) are fixed edge weights: a layer then sums ``coef × neighbour state`` instead of taking the masked mean
+    (the served propagation's normalised, recency-weighted edges).
     """
 
     rows: list[torch.Tensor]
     masks: list[torch.Tensor]
     types: list[int]
+    coefs: list[torch.Tensor] | None = None
 
     @classmethod
     def from_numpy(
-        cls, rows: list[np.ndarray], masks: list[np.ndarray], types: list[int], device: torch.device
+        cls,
+        rows: list[np.ndarray],
+        masks: list[np.ndarray],
+        types: list[int],
+        device: torch.device,
+        coefs: list[np.ndarray] | None = None,
     ) -> Tree:
-        """Move a ``GraphStore.sample`` result to ``device``."""
+        """Move a ``GraphStore.sample`` result (plus optional edge weights) to ``device``."""
         return cls(
-            [torch.from_numpy(r).to(device) for r in rows], [torch.from_numpy(m).to(device) for m in masks], types
+            [torch.from_numpy(r).to(device) for r in rows],
+            [torch.from_numpy(m).to(device) for m in masks],
+            types,
+            None if coefs is None else [torch.from_numpy(c).to(device) for c in coefs],
         )
 
     def __len__(self) -> int:
@@ -41,7 +52,8 @@ class Tree:
 
     def select(self, idx: torch.Tensor) -> Tree:
         """The sub-tree of the roots at positions ``idx``."""
-        return Tree([r[idx] for r in self.rows], [m[idx] for m in self.masks], self.types)
+        coefs = None if self.coefs is None else [c[idx] for c in self.coefs]
+        return Tree([r[idx] for r in self.rows], [m[idx] for m in self.masks], self.types, coefs)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,15 +90,30 @@ class NeighbourMean(torch.nn.Module):
         return nbr_mean
 
 
+def aggregate(x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
+    """Neighbour states ``x`` reduced over their second-to-last axis: the masked mean, or ``Σ coef·x`` with weights.
+
+    >>> aggregate(torch.ones(1, 2, 1), torch.tensor([[True, False]]), torch.tensor([[0.5, 9.0]])).tolist()
+    [[0.5]]
+    """
+    if coef is None:
+        return masked_mean(x, mask)
+    return (x * (coef * mask).unsqueeze(-1)).sum(dim=-2)
+
+
 def combine_layers(outs: list[torch.Tensor], weights: tuple[float, ...] | None) -> torch.Tensor:
     """Weighted sum of per-layer states (``weights`` None: their mean, LightGCN's layer combination).
 
+    Weights past the last state must be zero (a tree only as deep as the weighted layers need).
+
     >>> combine_layers([torch.ones(2), 3 * torch.ones(2)], None).tolist(), combine_layers(
-    ...     [torch.ones(2), 3 * torch.ones(2)], (0.0, 1.0)).tolist()
+    ...     [torch.ones(2), 3 * torch.ones(2)], (0.0, 1.0, 0.0)).tolist()
     ([2.0, 2.0], [3.0, 3.0])
     """
     if weights is None:
         return torch.stack(outs).mean(dim=0)
+    if len(weights) > len(outs) and not any(weights[len(outs) :]):
+        weights = weights[: len(outs)]
     if len(weights) != len(outs):
         raise ValueError(f"{len(weights)} layer weights for {len(outs)} layer states")
     return sum(w * o for w, o in zip(weights, outs) if w)  # type: ignore[return-value]
@@ -210,15 +237,22 @@ class GraphEncoder(torch.nn.Module):
         noise: float = 0.0,
         gen: torch.Generator | None = None,
         role: str | None = None,
+        coefs: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the layers bottom-up over the tree; returns (normalised root embedding, hop-1 states after layer 1).
 
         ``noise`` > 0 perturbs every layer's output (SimGCL views); ``role`` ("query"/"key") picks the layer
-        weights of that side (None: the mean over layers).
+        weights of that side (None: the mean over layers); ``coefs`` are the tree's edge weights (``Tree.coefs``).
+        A tree shallower than the layers stops early: its role's weights must be zero past its depth.
         """
         hs, outs, hop1 = list(xs), [xs[0]], xs[1] if len(xs) > 1 else xs[0]
         for k, layer in enumerate(self.layers):
-            hs = [perturb(layer(hs[j], masked_mean(hs[j + 1], masks[j + 1])), noise, gen) for j in range(len(hs) - 1)]
+            if len(hs) < 2:
+                break
+            hs = [
+                perturb(layer(hs[j], aggregate(hs[j + 1], masks[j + 1], coefs[j + 1] if coefs else None)), noise, gen)
+                for j in range(len(hs) - 1)
+            ]
             outs.append(hs[0])
             if k == 0 and len(hs) > 1:
                 hop1 = hs[1]

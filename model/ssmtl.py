@@ -270,19 +270,33 @@ class SSMTLModel:
         self._is_target[item_rows] = True
 
     def subgraph(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray, seed: int | None = None) -> Subgraph:
-        """Sample the computation trees of one step's events (user and item rows) around the live graph.
+        """One step's trees around its events (user and item rows).
 
-        With ``seed`` every random choice (sampling, views) is repeatable; otherwise the model's stream is used.
+        When served vectors are ``bounded()`` (the default), retrieval trains on exactly what is served: each
+        user's query tree holds every buffered neighbour with the serving weights (``served_tree``) and item
+        trees only their roots; self-supervised tasks get their own ``fanouts``-sampled trees (``views``).
+        Otherwise both sides are sampled trees. With ``seed`` every random choice is repeatable; otherwise the
+        model's stream is used.
         """
         dev, g, fanouts = self.device, self.graph, list(self.fanouts)
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        sampled = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
-        neg_log_q, n_negatives = None, max((t.negatives for t in self.tasks.values()), default=0)
-        if n_negatives > 0:
-            n_items = g.n_rows(g.item_type)
-            sampled.append(g.sample(rng.integers(0, n_items, size=n_negatives), g.item_type, fanouts, rng))
-            neg_log_q = torch.full((n_negatives,), -float(np.log(n_items)), device=dev)
-        trees = [Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sampled]
+        served = self.bounded()
+        n_negatives = max((t.negatives for t in self.tasks.values()), default=0)
+        negative_rows = rng.integers(0, g.n_rows(g.item_type), size=n_negatives)
+        if served:
+            trees = [self.served_tree("query", users), self.served_tree("key", items)]
+            if n_negatives:
+                trees.append(self.served_tree("key", negative_rows))
+        else:
+            sampled = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
+            if n_negatives:
+                sampled.append(g.sample(negative_rows, g.item_type, fanouts, rng))
+            trees = [Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sampled]
+        views = None
+        if served and any(t.fraction is not None for t in self.tasks.values()):
+            sides = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
+            views = tuple(Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sides)
+        log_n = float(np.log(max(g.n_rows(g.item_type), 1)))
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return Subgraph(
             users=trees[0],
@@ -292,8 +306,34 @@ class SSMTLModel:
             weights=torch.from_numpy(weights).to(dev),
             gen=gen,
             rng=np.random.default_rng(int(rng.integers(2**62))),
-            negatives=trees[2] if len(trees) > 2 else None,
-            negative_log_q=neg_log_q,
+            negatives=trees[2] if n_negatives else None,
+            negative_log_q=torch.full((n_negatives,), -log_n, device=dev) if n_negatives else None,
+            views=views,  # type: ignore[arg-type]
+        )
+
+    def served_tree(self, role: str, rows: np.ndarray) -> Tree:
+        """The receptive field a served vector of ``rows`` uses (needs ``bounded()``), as a tree for the encoder.
+
+        A key ("key") is its item's layer-0 input: the roots alone. A query ("query") adds one hop over every
+        buffered neighbour, weighted ``d_u^-1/2 · recency · d_i^-1/2`` (the full-graph LightGCN normalisation
+        restricted to the row), padded to the batch's largest neighbour count.
+        """
+        g, dev = self.graph, self.device
+        rows = np.asarray(rows, dtype=np.int64)
+        root = np.ones(len(rows), dtype=bool)
+        if role == "key":
+            return Tree.from_numpy([rows], [root], [g.item_type], dev)
+        pos, nbr, w = g.user_edges(rows, self.recency_half_life)  # pos ascending (row-major nonzero)
+        count = np.bincount(pos, minlength=len(rows))
+        slot = np.arange(len(pos)) - np.searchsorted(pos, pos)
+        width = max(int(count.max(initial=0)), 1)
+        nb = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        coef = np.zeros((len(rows), width), dtype=np.float32)
+        nb[pos, slot], mask[pos, slot] = nbr, True
+        coef[pos, slot] = np.maximum(count[pos], 1.0) ** -0.5 * w * np.maximum(g.column_degree[nbr], 1.0) ** -0.5
+        return Tree.from_numpy(
+            [rows, nb], [root, mask], [USER, g.item_type], dev, coefs=[np.ones(len(rows), np.float32), coef]
         )
 
     def task_losses(self, subgraph: Subgraph) -> dict[str, torch.Tensor]:
@@ -365,22 +405,14 @@ class SSMTLModel:
 
     @torch.no_grad()
     def _embed_rows(self, role: str, rows: np.ndarray) -> torch.Tensor:
-        """Served vectors of ``rows`` computed from their receptive field alone; equal to full propagation."""
-        enc, g, dev = self.encoder, self.graph, self.device
-        weights = enc.role_layers[role]
-        idx = torch.from_numpy(rows).to(dev)
+        """Served vectors of ``rows`` computed from their receptive field alone (``served_tree``); equal to full
+        propagation, and the same computation retrieval trains on."""
+        enc, tree = self.encoder, self.served_tree(role, rows)
+        xs = enc.inputs(tree)
         if role == "key":
-            key = weights[0] * enc.inputs_of(idx, g.item_type)
+            key = enc.role_layers["key"][0] * xs[0]  # type: ignore[index]
             return F.normalize(key, dim=-1) if self.normalise_keys else key
-        out = weights[0] * enc.inputs_of(idx, USER) if weights[0] else torch.zeros(len(rows), self.dim, device=dev)
-        if weights[1]:
-            pos, nbr, w = g.user_edges(rows, self.recency_half_life)
-            du = np.maximum(np.bincount(pos, minlength=len(rows)), 1.0) ** -0.5
-            di = np.maximum(g.column_degree[nbr], 1.0) ** -0.5
-            coef = torch.from_numpy((du[pos] * w * di).astype(np.float32)).to(dev)
-            hop = enc.inputs_of(torch.from_numpy(nbr).to(dev), g.item_type) * coef[:, None]
-            out = out.index_add(0, torch.from_numpy(pos).to(dev), weights[1] * hop)
-        return F.normalize(out, dim=-1)
+        return enc.propagate(xs, tree.masks, role="query", coefs=tree.coefs)[0]
 
     def _embed(self, role: str, rows: np.ndarray) -> np.ndarray:
         if self.bounded():

@@ -29,6 +29,7 @@ class Subgraph:
     rng: np.random.Generator
     negatives: Tree | None = None  # extra random negative items
     negative_log_q: torch.Tensor | None = None
+    views: tuple[Tree, Tree] | None = None  # sampled (user, item) trees for SSL tasks (None: users, items)
     _inputs: list[list[torch.Tensor]] | None = field(default=None, repr=False)
     _subsets: dict[float, list[tuple[Tree, list[torch.Tensor]]]] = field(default_factory=dict, repr=False)
 
@@ -51,7 +52,8 @@ class Subgraph:
         One lookup per step means one sparse gradient per table, whatever the number of tasks.
         """
         fractions = sorted({f for f in fractions if f not in self._subsets})
-        subsets = {f: [tree.select(self.root_sample(f)) for tree in (self.users, self.items)] for f in fractions}
+        sides = self.views or (self.users, self.items)
+        subsets = {f: [tree.select(self.root_sample(f)) for tree in sides] for f in fractions}
         main = [] if self._inputs is not None else self.trees()
         extra = [tree for f in fractions for tree in subsets[f]]
         xs = encoder.batched_inputs(main + extra)
@@ -68,7 +70,8 @@ class Subgraph:
         return self._inputs  # type: ignore[return-value]
 
     def sides(self, encoder: GraphEncoder, fraction: float) -> list[tuple[Tree, list[torch.Tensor]]]:
-        """For users and items each: a random ``fraction`` of the roots as a sub-tree, with its inputs."""
+        """For users and items each: a random ``fraction`` of the roots as a sub-tree (of ``views`` when set), with
+        its inputs."""
         if fraction not in self._subsets:
             self.prepare(encoder, [fraction])
         return self._subsets[fraction]

@@ -40,11 +40,12 @@ class RetrievalTask(Task):
         """Weighted in-batch sampled-softmax loss."""
         cfg = self.config
         xs = subgraph.inputs(encoder)
-        u = encoder.propagate(xs[0], subgraph.users.masks, role="query")[0]
-        v = encoder.propagate(xs[1], subgraph.items.masks, role="key")[0]
+        u = encoder.propagate(xs[0], subgraph.users.masks, role="query", coefs=subgraph.users.coefs)[0]
+        v = encoder.propagate(xs[1], subgraph.items.masks, role="key", coefs=subgraph.items.coefs)[0]
         extra, extra_log_q = None, None
         if subgraph.negatives is not None and len(subgraph.negatives):
-            extra = encoder.propagate(xs[2], subgraph.negatives.masks, role="key")[0]
+            negatives = subgraph.negatives
+            extra = encoder.propagate(xs[2], negatives.masks, role="key", coefs=negatives.coefs)[0]
             extra_log_q = subgraph.negative_log_q if cfg.logq else None
         return sampled_softmax(
             u,
