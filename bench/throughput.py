@@ -10,7 +10,6 @@ Milvus Lite → commit). Interleaving rounds spreads concurrent load over all me
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import tempfile
 import time
@@ -26,7 +25,6 @@ from bench.harness import STAGES, preproduce, quiet_logs, run_trainer, synthetic
 from bench.output import Run, add_common_args, fmt, fmt_range, summary, table
 from bench.plots import hbars
 from ebrflow.model.base import Batch
-from ebrflow.model.two_tower import TwoTowerModel
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.generator import EventArrays
 from ebrflow.stream.schema import EventCodec
@@ -56,19 +54,23 @@ def consume_rate(bootstrap: str, topic: str, n: int, decode: bool) -> float:
         consumer.close()
 
 
-def model_rate(build: Callable[[], Any], events: EventArrays, batch: int, warmup: int, timed: int) -> float:
-    """Events/s of ``fit_batch`` on in-memory batches after ``warmup`` batches (tables grown, caches warm)."""
-    model = build()
+def model_rate(kind: str, threads: int, events: EventArrays, batch: int, n: int) -> float:
+    """Events/s of ``fit_batch`` of a fresh model, built as the trainer builds it (``ebrflow.app.build_model``:
+    app defaults, ``model.threads`` for torch and BLAS), over the first ``n`` events in batches of ``batch``: the
+    same events an end-to-end run of ``n`` trains, so the two rates compare like for like (graph growth and the
+    refits it triggers included)."""
+    from ebrflow.app import build_model
+    from ebrflow.config import ModelConfig
+
+    model = build_model(ModelConfig(kind=kind, device="cpu", seed=0, threads=threads))
     chunks = [
         Batch.of(events.user_ids[s : s + batch], events.item_ids[s : s + batch], ts_ms=events.ts_ms[s : s + batch])
-        for s in range(0, (warmup + timed) * batch, batch)
+        for s in range(0, n, batch)
     ]
-    for b in chunks[:warmup]:
-        model.fit_batch(b)
     t0 = time.perf_counter()
-    for b in chunks[warmup:]:
+    for b in chunks:
         model.fit_batch(b)
-    return timed * batch / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0)
 
 
 def river_rate(kind: str, events: EventArrays, n: int) -> float:
@@ -81,14 +83,6 @@ def river_rate(kind: str, events: EventArrays, n: int) -> float:
     for u, i in pairs:
         model.learn_one(u, i, 1.0)
     return n / (time.perf_counter() - t0)
-
-
-def ssmtl_class() -> type | None:
-    """``model.ssmtl.SSMTLModel`` if it imports (it is plugged in by name)."""
-    try:
-        return importlib.import_module("ebrflow.model.ssmtl").SSMTLModel
-    except Exception:  # noqa: BLE001
-        return None
 
 
 Measure = Callable[[], tuple[float, dict]]
@@ -113,7 +107,6 @@ def measurements(
 ) -> dict[str, tuple[int, Measure]]:
     """Name → (events per run, zero-argument callable returning (events/s, extra dict)) for one repetition."""
     n, bs = args.events, args.batch
-    ssmtl = ssmtl_class()
     e2e_counter = iter(range(10**6))
 
     def e2e(kind: str, n_e2e: int, threads: int) -> Measure:
@@ -129,23 +122,16 @@ def measurements(
 
         return go
 
-    def compute(build: Callable[[], Any], batches: int, warmup: int) -> Measure:
-        return lambda: (model_rate(build, events, bs, warmup, batches), {})
+    def compute(kind: str, n_events: int, threads: int) -> Measure:
+        return lambda: (model_rate(kind, threads, events, bs, n_events), {})
 
     out: dict[str, tuple[int, Measure]] = {
         "ingest: kafka-python consume (raw)": (n, lambda: (consume_rate(bootstrap, topic, n, False), {})),
         "ingest: consume + EventCodec.decode": (n, lambda: (consume_rate(bootstrap, topic, n, True), {})),
     }
     for t in args.threads:
-        out[f"compute: TwoTowerModel.fit_batch [threads={t}]"] = (
-            args.compute_batches * bs,
-            with_threads(t, compute(lambda: TwoTowerModel(device="cpu"), args.compute_batches, args.warmup)),
-        )
-        if ssmtl is not None:
-            out[f"compute: SSMTLModel.fit_batch [threads={t}]"] = (
-                args.ssmtl_batches * bs,
-                with_threads(t, compute(lambda: ssmtl(device="cpu"), args.ssmtl_batches, min(args.warmup, 3))),
-            )
+        out[f"compute: TwoTowerModel.fit_batch [threads={t}]"] = (n, with_threads(t, compute("two_tower", n, t)))
+        out[f"compute: SSMTLModel.fit_batch [threads={t}]"] = (n, with_threads(t, compute("ssmtl", n, t)))
     for kind in ("BiasedMF", "FunkMF"):
         out[f"river {kind}.learn_one"] = (
             args.river_events,
@@ -153,11 +139,8 @@ def measurements(
         )
     for t in args.threads:
         out[f"end to end: ebrflow two_tower [threads={t}]"] = (n, with_threads(t, e2e("two_tower", n, t)))
-        if ssmtl is not None and args.e2e_ssmtl_events > 0:
-            out[f"end to end: ebrflow ssmtl [threads={t}]"] = (
-                args.e2e_ssmtl_events,
-                with_threads(t, e2e("ssmtl", args.e2e_ssmtl_events, t)),
-            )
+        if not args.no_e2e_ssmtl:
+            out[f"end to end: ebrflow ssmtl [threads={t}]"] = (n, with_threads(t, e2e("ssmtl", n, t)))
     return out
 
 
@@ -205,36 +188,34 @@ def report(run: Run, results: dict, produce_rate: float, args: argparse.Namespac
         )
     )
     ingest = results["ingest: kafka-python consume (raw)"]["events_per_s"]["median"]
-    ratios, ratio_rows = {}, []
-    for t in args.threads:
-        e2e = results[f"end to end: ebrflow two_tower [threads={t}]"]["events_per_s"]["median"]
-        compute = results[f"compute: TwoTowerModel.fit_batch [threads={t}]"]["events_per_s"]["median"]
-        ratios[f"threads={t}"] = {"e2e_over_ingest": e2e / ingest, "e2e_over_compute": e2e / compute}
-        ratio_rows.append([t, e2e, e2e / ingest, e2e / compute])
-    run.payload["results"]["ratios"] = ratios
-    e2e_rows = []
+    e2e_rows, ratio_rows = [], []
     for name, r in results.items():  # one row per end-to-end run: the ratios of issue 12, checkable by a script
         if not name.startswith("end to end"):
             continue
         kind, t = name.split("ebrflow ")[1].split(" [threads=")
         t = int(t.rstrip("]"))
         compute_name = "TwoTowerModel" if kind == "two_tower" else "SSMTLModel"
-        compute_eps = results.get(f"compute: {compute_name}.fit_batch [threads={t}]", {}).get("events_per_s", {})
+        compute = results[f"compute: {compute_name}.fit_batch [threads={t}]"]["events_per_s"]["median"]
+        e2e = r["events_per_s"]["median"]
         e2e_rows.append(
-            {
-                "model": kind,
-                "threads": t,
-                "end_to_end_eps": r["events_per_s"]["median"],
-                "ingest_eps": ingest,
-                "compute_eps": compute_eps.get("median"),
-            }
+            {"model": kind, "threads": t, "end_to_end_eps": e2e, "ingest_eps": ingest, "compute_eps": compute}
         )
+        ratio_rows.append([kind, t, e2e, ingest, compute, e2e / min(ingest, compute)])
     run.payload["results"]["e2e"] = e2e_rows
+    compute_ratio = {
+        t: results[f"compute: SSMTLModel.fit_batch [threads={t}]"]["events_per_s"]["median"]
+        / results[f"compute: TwoTowerModel.fit_batch [threads={t}]"]["events_per_s"]["median"]
+        for t in args.threads
+    }
+    run.payload["results"]["ssmtl_over_two_tower_compute"] = {f"threads={t}": v for t, v in compute_ratio.items()}
     run.payload["tables"].append(
         table(
-            "Where the end-to-end rate sits (medians, two_tower, same torch thread count for both)",
-            ["torch threads", "end-to-end events/s", "end-to-end / ingest (raw consume)", "end-to-end / compute"],
+            "Where the end-to-end rate sits (medians; issue 12's target: end to end ≥ 0.6 × min(ingest, compute))",
+            ["model", "torch threads", "end to end", "ingest (raw consume)", "compute", "end to end / min"],
             ratio_rows,
+            "SSMTL compute / two-tower compute (target ≥ 0.35): "
+            + ", ".join(f"{v:.2f} at {t} thread(s)" for t, v in compute_ratio.items())
+            + ".",
         )
     )
     stage_rows = []
@@ -283,25 +264,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100_000, help="pre-produced events (ingest and end to end)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--compute-batches", type=int, default=50)
-    parser.add_argument("--ssmtl-batches", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed batches before the compute measurements")
     parser.add_argument(
         "--threads", type=int, nargs="+", default=None, help="torch thread counts to compare (default: torch's and 1)"
     )
     parser.add_argument("--river-events", type=int, default=50_000)
-    parser.add_argument("--e2e-ssmtl-events", type=int, default=10_000, help="0 skips the SSMTL end-to-end run")
+    parser.add_argument("--no-e2e-ssmtl", action="store_true", help="skip the SSMTL end-to-end run")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.events, args.repeats, args.compute_batches, args.ssmtl_batches = 1000, 1, 2, 1
-        args.river_events, args.e2e_ssmtl_events, args.batch, args.warmup = 2000, 0, 256, 1
+        args.events, args.repeats, args.river_events, args.no_e2e_ssmtl, args.batch = 1000, 1, 2000, True, 256
     args.kafka = {"session_timeout_ms": 2000} if args.smoke else {}
     args.threads = args.threads or ([torch.get_num_threads()] if args.smoke else sorted({torch.get_num_threads(), 1}))
     quiet_logs()
     run = Run("throughput", "Throughput: ingest and compute ceilings vs end to end", args.out, argv, args.smoke)
     run.payload["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     run.payload["settings"]["torch_threads"] = torch.get_num_threads()
-    events = synthetic(max(args.events, (args.compute_batches + args.warmup) * args.batch, args.river_events))
+    events = synthetic(max(args.events, args.river_events))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="ebrflow-bench-") as tmp:
         topic = "bench.throughput"
         produce_rate = preproduce(
@@ -318,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "End to end uses ebrflow's default settings (model dim 64 with the served popularity prior, batch 1,024 / "
         "1 s, FLAT, eval_sample 256) except session_timeout_ms=6000 and model.threads=[threads]; a fresh consumer "
         "group and Milvus Lite dir per run.",
-        f"Compute: fresh model per run; {args.warmup} untimed warm-up batches ({min(args.warmup, 3)} for SSMTL) "
-        f"grow the tables first. [threads=N] is torch's intra-op thread count (torch's default here: "
-        f"{torch.get_num_threads()}; ebrflow sets model.threads, default 1). Under concurrent load, oversubscribed "
-        "torch threads spin-wait: compare the rows.",
+        "Compute: a fresh model per run, built as the trainer builds it (app defaults, model.threads for torch and "
+        "BLAS), timed over the same events an end-to-end run trains (graph growth and spectral refits included). "
+        f"[threads=N] is torch's intra-op thread count (torch's default here: {torch.get_num_threads()}; ebrflow "
+        "sets model.threads, default 1). Under concurrent load, oversubscribed threads spin-wait: compare the rows.",
         "Other processes shared the 2 cores during these runs (see the load column); rounds are interleaved so the "
         "load hits every measurement alike, and medians are reported.",
     ]

@@ -179,7 +179,7 @@ class BatchConfig(Section):
     """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first."""
 
     max_events: int = Field(1024, ge=1)
-    max_wait_ms: int = Field(1000, ge=1)
+    max_wait_ms: int = Field(100, ge=1)
 
 
 class ModelConfig(Section):
@@ -235,7 +235,7 @@ class RunConfig(Section):
     """Run-level files and schedules."""
 
     data_dir: str = "ebrflow_data"
-    checkpoint_every_batches: int = Field(50, ge=1)
+    checkpoint_every_batches: int = Field(1000, ge=1)
     checkpoint_every_s: float = Field(60.0, gt=0)
     checkpoint_keep: int = Field(3, ge=1)
     checkpoints: bool = True

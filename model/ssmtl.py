@@ -96,7 +96,7 @@ class SSMTLModel:
         propagation: Literal["sage", "lightgcn"] = "lightgcn",
         spectral: bool = True,
         spectral_every: int = 256,
-        spectral_growth: float = 0.01,
+        spectral_growth: float = 0.03,
         spectral_iters: int = 0,
         spectral_a: float = 0.0,
         spectral_b: float = 0.5,

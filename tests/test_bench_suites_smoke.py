@@ -106,8 +106,10 @@ def test_throughput_smoke(tmp_path: Path) -> None:
         assert s["median"] > 0
         if prefix.startswith("end to end"):
             assert m[key]["extra"][0]["events"] == p["settings"]["events"]
-    for ratio in p["results"]["ratios"].values():
-        finite(*ratio.values())
+    for row in p["results"]["e2e"]:
+        assert {"model", "threads", "end_to_end_eps", "ingest_eps", "compute_eps"} <= set(row)
+        finite(row["end_to_end_eps"], row["ingest_eps"], row["compute_eps"])
+    finite(*p["results"]["ssmtl_over_two_tower_compute"].values())
 
 
 def test_freshness_smoke(tmp_path: Path) -> None:
