@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient
@@ -70,6 +71,7 @@ class MilvusStore:
         self.seen_capacity = seen_capacity
         self.flush_interval_s = flush_interval_s
         self._last_flush = time.monotonic()
+        self._schemas: dict[str, dict] = {}  # collection → its description (field types for column upserts)
 
     def use_generation(self, generation: int) -> None:
         """Write and read the physical collections of ``generation`` (created and loaded if missing)."""
@@ -92,6 +94,7 @@ class MilvusStore:
             existing = self.dim_of(name)
             if existing is not None and existing != self.dim:
                 raise ValueError(f"collection {name} has dim {existing}, model has {self.dim}")
+            self._schemas.pop(name, None)
             if existing is None:
                 self.client.create_collection(name, schema=self._schema(with_seen), index_params=self._index())
                 log.info("created Milvus collection %s (dim %d, %s)", name, self.dim, self.index_type)
@@ -122,23 +125,36 @@ class MilvusStore:
         seen: list[np.ndarray | None] | None = None,
     ) -> None:
         """Write rows (idempotent: the same id overwrites). ``seen`` only for the users collection: a user whose
-        entry is None keeps the seen list Milvus holds (a partial update of vector, version and time only)."""
+        entry is None keeps the seen list Milvus holds (a partial update of vector, version and time only).
+
+        Rows go column by column (``_write_columns``): pymilvus' row-wise path packs every field of every row in
+        Python, most of an upsert's client time and all of it under the GIL the training thread needs."""
         if len(ids) == 0:
             return
         now = int(time.time() * 1000)
-        rows, partial = [], []
-        for i, (raw, vec) in enumerate(zip(ids.tolist(), vectors.tolist())):
-            row = {"id": raw, "embedding": vec, "version": version, "updated_at": now}
-            if seen is not None and seen[i] is None:
-                partial.append(row)
+        full = np.ones(len(ids), dtype=bool) if seen is None else np.array([s is not None for s in seen])
+        for partial, keep in ((False, full), (True, ~full)):
+            if not keep.any():
                 continue
-            if seen is not None:
-                row["seen"] = seen[i][-self.seen_capacity :].tolist()
-            rows.append(row)
-        if rows:
-            self.client.upsert(collection, rows)
-        if partial:
-            self.client.upsert(collection, partial, partial_update=True)
+            idx = np.flatnonzero(keep)
+            columns = {
+                "id": ids[idx].astype(np.int64),
+                "embedding": np.ascontiguousarray(vectors[idx], dtype=np.float32),
+                "version": np.full(len(idx), version, dtype=np.int64),
+                "updated_at": np.full(len(idx), now, dtype=np.int64),
+            }
+            if seen is not None and not partial:
+                columns["seen"] = [seen[i][-self.seen_capacity :].tolist() for i in idx.tolist()]
+            self._write_columns(collection, columns, partial)
+
+    def _write_columns(self, collection: str, columns: dict[str, Any], partial: bool) -> None:
+        """One column-oriented upsert through the client's connection (the schema cached per collection)."""
+        if collection not in self._schemas:
+            self._schemas[collection] = self.client.describe_collection(collection)
+        schema = self._schemas[collection]
+        types = {f["name"]: f["type"] for f in schema["fields"]}
+        entities = [{"name": name, "type": types[name], "values": values} for name, values in columns.items()]
+        self.client._get_connection().upsert(collection, entities, schema=schema, partial_update=partial)  # noqa: SLF001
 
     def delete_newer(self, version: int) -> int:
         """Delete rows written by a model version above ``version`` (a lost run); returns how many."""

@@ -23,22 +23,37 @@ if TYPE_CHECKING:
     from ebrflow.config import Settings
 
 
-class FlakyMilvus:
-    """Forwards to a real MilvusClient, but ``upsert`` raises while ``failing`` is set."""
+class Intercepted:
+    """A proxy whose ``upsert`` calls ``before()`` first; everything else goes to ``target`` unchanged."""
+
+    def __init__(self, target: object, before: Callable[[], None]) -> None:
+        self._target = target
+        self._before = before
+
+    def upsert(self, *args: object, **kwargs: object) -> object:
+        self._before()
+        return self._target.upsert(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._target, name)
+
+
+class FlakyMilvus(Intercepted):
+    """Forwards to a real MilvusClient, but upserts (row- or column-oriented) raise while ``failing`` is set."""
 
     def __init__(self, client: object) -> None:
-        self._client = client
+        super().__init__(client, self._check)
         self.failing = threading.Event()
         self.failures = 0
 
-    def upsert(self, *args: object, **kwargs: object) -> object:
+    def _check(self) -> None:
         if self.failing.is_set():
             self.failures += 1
             raise ConnectionError("injected: Milvus unavailable")
-        return self._client.upsert(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
+    def _get_connection(self) -> Intercepted:
+        """The client's connection, with the same injected failures (``MilvusStore`` writes columns through it)."""
+        return Intercepted(self._target._get_connection(), self._check)  # type: ignore[attr-defined]
 
 
 def produce_interleaved(

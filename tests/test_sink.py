@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
 from ebrflow.indexer.sink import MilvusSink, SinkStopped, UpsertJob
-from tests.faults import send_events, trained_count, wait_for
+from tests.faults import Intercepted, send_events, trained_count, wait_for
 
 
 class FakeStore:
@@ -81,21 +81,21 @@ def test_stop_while_failing_drops_unacknowledged_jobs() -> None:
     assert [v for c, v in store.written if c == "items"] == [1]
 
 
-class GatedMilvus:
-    """Forwards to a real MilvusClient; ``upsert`` blocks while ``held`` is set."""
+class GatedMilvus(Intercepted):
+    """Forwards to a real MilvusClient; upserts (row- or column-oriented) block while ``held`` is set."""
 
     def __init__(self, client: object) -> None:
-        self._client = client
+        super().__init__(client, self._wait)
         self.held = threading.Event()
         self.released = threading.Event()
 
-    def upsert(self, *args: object, **kwargs: object) -> object:
+    def _wait(self) -> None:
         while self.held.is_set() and not self.released.wait(0.05):
             pass
-        return self._client.upsert(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
+    def _get_connection(self) -> Intercepted:
+        """The client's connection behind the same gate."""
+        return Intercepted(self._target._get_connection(), self._wait)  # type: ignore[attr-defined]
 
 
 def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings) -> None:
