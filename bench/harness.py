@@ -60,7 +60,9 @@ def trainer_settings(bootstrap: str, topic: str, group: str, workdir: Path, **se
 
 @dataclass
 class TimedRun:
-    """What one trainer run did: events, seconds from first record to the end, and per-stage seconds."""
+    """What one trainer run did: events, seconds from the first record to the last batch Milvus acknowledged, and
+    per-stage seconds; the group join before, and the shutdown after (re-publish of every embedding, final
+    checkpoint and commit, forced flush) are reported apart."""
 
     events: int
     steady_s: float
@@ -68,10 +70,11 @@ class TimedRun:
     join_s: float
     final_flush_s: float
     stage_s: dict[str, float]
+    shutdown_s: float = 0.0
 
     @property
     def events_per_s(self) -> float:
-        """Events per second from the first consumed record to the last committed batch."""
+        """Events per second from the first consumed record to the last batch Milvus acknowledged."""
         return self.events / self.steady_s if self.steady_s > 0 else float("nan")
 
 
@@ -82,16 +85,22 @@ def stage_seconds(metrics: PipelineMetrics) -> dict[str, float]:
 
 
 def start_timed_trainer(settings: Settings, model: Any = None) -> tuple[Trainer, dict[str, float]]:
-    """``build_trainer`` on the real parts, with the time of the first consumed record recorded in ``marks``."""
+    """``build_trainer`` on the real parts, with the times of the first consumed record and of the last batch
+    acknowledged by Milvus recorded in ``marks`` ("first_record", "last_batch")."""
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers, model=model)
     marks: dict[str, float] = {}
-    on_consumed = trainer.observer.on_consumed
+    on_consumed, after_batch = trainer.observer.on_consumed, trainer.observer.after_batch
 
     def first_mark(n: int) -> None:
         marks.setdefault("first_record", time.monotonic())
         on_consumed(n)
 
+    def batch_mark(result: Any) -> None:
+        after_batch(result)
+        marks["last_batch"] = time.monotonic()
+
     trainer.observer.on_consumed = first_mark  # type: ignore[method-assign]
+    trainer.observer.after_batch = batch_mark  # type: ignore[method-assign]
     return trainer, marks
 
 
@@ -104,8 +113,9 @@ def run_trainer(settings: Settings, n_events: int, model: Any = None) -> TimedRu
         t1 = time.monotonic()
         trainer.store.flush_if_due(force=True)
         t2 = time.monotonic()
-        first = marks.get("first_record", t0)
-        return TimedRun(summary.trained, t1 - first, t1 - t0, first - t0, t2 - t1, stage_seconds(trainer.metrics))
+        first, last = marks.get("first_record", t0), marks.get("last_batch", t1)
+        stages = stage_seconds(trainer.metrics)
+        return TimedRun(summary.trained, last - first, t1 - t0, first - t0, t2 - t1, stages, t1 - last)
     finally:
         trainer.close()
 
