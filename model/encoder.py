@@ -22,7 +22,8 @@ class Tree:
 
     Hop 0 holds the roots (B,); hop k has shape (B, f1, ..., fk). ``coefs`` (optional, per hop, shaped like its
     rows) are fixed edge weights: a layer then sums ``coef × neighbour state`` instead of taking the masked mean
-    (the served propagation's normalised, recency-weighted edges).
+    (the served propagation's normalised, recency-weighted edges). A sparse (B × n) coefficient matrix makes hop 1
+    flat: its rows are n distinct neighbours, each looked up once (``aggregate``).
     """
 
     rows: list[torch.Tensor]
@@ -93,11 +94,19 @@ class NeighbourMean(torch.nn.Module):
 def aggregate(x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
     """Neighbour states ``x`` reduced over their second-to-last axis: the masked mean, or ``Σ coef·x`` with weights.
 
+    A sparse ``coef`` (parents × the hop's rows) is a flat hop: ``x`` holds each distinct neighbour once and the
+    result is ``coef @ x``.
+
     >>> aggregate(torch.ones(1, 2, 1), torch.tensor([[True, False]]), torch.tensor([[0.5, 9.0]])).tolist()
     [[0.5]]
+    >>> flat = torch.sparse_coo_tensor([[0, 0, 1], [0, 1, 1]], [0.5, 1.0, 2.0], (2, 2))
+    >>> aggregate(torch.tensor([[1.0], [3.0]]), torch.ones(2, dtype=torch.bool), flat).tolist()
+    [[3.5], [6.0]]
     """
     if coef is None:
         return masked_mean(x, mask)
+    if coef.is_sparse:
+        return torch.sparse.mm(coef, x)
     return (x * (coef * mask).unsqueeze(-1)).sum(dim=-2)
 
 

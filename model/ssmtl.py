@@ -316,25 +316,26 @@ class SSMTLModel:
 
         A key ("key") is its item's layer-0 input: the roots alone. A query ("query") adds one hop over every
         buffered neighbour, weighted ``d_u^-1/2 · recency · d_i^-1/2`` (the full-graph LightGCN normalisation
-        restricted to the row), padded to the batch's largest neighbour count.
+        restricted to the row): a flat hop over the batch's distinct neighbours (``Tree.coefs``).
         """
         g, dev = self.graph, self.device
         rows = np.asarray(rows, dtype=np.int64)
         root = np.ones(len(rows), dtype=bool)
         if role == "key":
             return Tree.from_numpy([rows], [root], [g.item_type], dev)
-        pos, nbr, w = g.user_edges(rows, self.recency_half_life)  # pos ascending (row-major nonzero)
+        pos, nbr, w = g.user_edges(rows, self.recency_half_life)
         count = np.bincount(pos, minlength=len(rows))
-        slot = np.arange(len(pos)) - np.searchsorted(pos, pos)
-        width = max(int(count.max(initial=0)), 1)
-        nb = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=bool)
-        coef = np.zeros((len(rows), width), dtype=np.float32)
-        nb[pos, slot], mask[pos, slot] = nbr, True
-        coef[pos, slot] = np.maximum(count[pos], 1.0) ** -0.5 * w * np.maximum(g.column_degree[nbr], 1.0) ** -0.5
-        return Tree.from_numpy(
-            [rows, nb], [root, mask], [USER, g.item_type], dev, coefs=[np.ones(len(rows), np.float32), coef]
-        )
+        coef = np.maximum(count[pos], 1.0) ** -0.5 * w * np.maximum(g.column_degree[nbr], 1.0) ** -0.5
+        distinct, column = np.unique(nbr, return_inverse=True)
+        if not len(distinct):  # no neighbour at all: one zero-weighted row keeps the shapes valid
+            distinct, pos, column, coef = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), coef
+        index = torch.from_numpy(np.stack([pos, column])).to(dev)
+        weights = torch.sparse_coo_tensor(
+            index, torch.from_numpy(coef.astype(np.float32)).to(dev), (len(rows), len(distinct)), check_invariants=False
+        ).coalesce()
+        tree = Tree.from_numpy([rows, distinct], [root, np.ones(len(distinct), bool)], [USER, g.item_type], dev)
+        tree.coefs = [torch.ones(len(rows), device=dev), weights]
+        return tree
 
     def task_losses(self, subgraph: Subgraph) -> dict[str, torch.Tensor]:
         """Every enabled task's loss on ``subgraph``."""
