@@ -89,11 +89,14 @@ class EmbeddingMirror:
         if self._n == 0:
             return np.full((len(queries), k), -1, dtype=np.int64)
         scores = torch.from_numpy(queries) @ torch.from_numpy(self.vectors()).T
-        if exclude is not None:
-            for i, ex in enumerate(exclude):
-                rows = [self._rows[r] for r in ex.tolist() if r in self._rows]
-                if rows:
-                    scores[i, rows] = float("-inf")
+        if exclude is not None and len(exclude):
+            get = self._rows.get
+            cols = [get(r, -1) for ex in exclude for r in ex.tolist()]
+            if cols:
+                owner = np.repeat(np.arange(len(exclude)), [len(ex) for ex in exclude])
+                cols_arr = np.asarray(cols, dtype=np.int64)
+                known = cols_arr >= 0
+                scores[torch.from_numpy(owner[known]), torch.from_numpy(cols_arr[known])] = float("-inf")
         kk = min(k, self._n)
         top = torch.topk(scores, kk, dim=1)
         ids = self._ids[top.indices.numpy()]

@@ -31,6 +31,23 @@ class SeenItems:
         """The user's recent items, oldest first (empty for an unknown user)."""
         return self._seen.get(int(user_id), np.empty(0, np.int64))
 
+    def contains(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """Whether each (user, item) pair is among the user's recent items, vectorised over the pairs.
+
+        >>> s = SeenItems()
+        >>> s.add(np.array([1, 2]), np.array([5, 6]))
+        >>> s.contains(np.array([1, 1, 2, 3]), np.array([5, 6, 6, 5])).tolist()
+        [True, False, True, False]
+        """
+        users, owner_of_pair = np.unique(np.asarray(user_ids, np.int64), return_inverse=True)
+        lists = [self.get(u) for u in users.tolist()]
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        if not lengths.sum():
+            return np.zeros(len(owner_of_pair), dtype=bool)
+        seen = np.stack([np.repeat(np.arange(len(users)), lengths), np.concatenate(lists)], axis=1)
+        pairs = np.stack([owner_of_pair.ravel(), np.asarray(item_ids, np.int64)], axis=1)
+        return np.isin(_as_keys(pairs), _as_keys(seen))
+
     def add(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         """Record interactions in order; a repeated item moves to the most recent end."""
         if len(user_ids) == 0:
@@ -75,3 +92,8 @@ class SeenItems:
         items = state["items"].numpy()
         bounds = np.r_[0, np.cumsum(state["lengths"].numpy())]
         self._seen = {int(u): items[bounds[i] : bounds[i + 1]].copy() for i, u in enumerate(state["users"].tolist())}
+
+
+def _as_keys(pairs: np.ndarray) -> np.ndarray:
+    """Rows of an (n, 2) int64 array as single comparable values (16-byte voids), for set operations on pairs."""
+    return np.ascontiguousarray(pairs, dtype=np.int64).view(np.dtype((np.void, 16))).ravel()

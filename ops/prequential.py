@@ -168,9 +168,7 @@ class PrequentialEvaluator:
 
     def evaluate(self, batch: Batch) -> Evaluation:
         """Score a sample of ``batch`` against the served embeddings, then count its events as prior history."""
-        pairs = zip(batch.user_ids.tolist(), batch.item_ids.tolist())
-        novel = np.fromiter((i not in self.seen.get(u) for u, i in pairs), dtype=bool, count=len(batch))
-        idx = self.core.pick(novel)
+        idx = self.core.pick(~self.seen.contains(batch.user_ids, batch.item_ids))
         return self.core.record(batch, idx, self._ranks(batch.user_ids[idx], batch.item_ids[idx]))
 
     def _ranks(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
