@@ -110,7 +110,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) >= 10 ** (digits + 2) or abs(value) < 10 ** -(digits + 1)):
+        if value != 0 and (abs(value) >= 1e12 or abs(value) < 10 ** -(digits + 1)):
             return f"{value:.{digits - 1}e}"
         if abs(value) >= 10**digits:
             return f"{value:,.0f}"
