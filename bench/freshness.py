@@ -25,6 +25,7 @@ from bench.harness import quantiles, quiet_logs, start_timed_trainer, synthetic,
 from bench.output import Run, add_common_args, table
 from bench.plots import cdfs
 from ebrflow.app import Trainer
+from ebrflow.config import Settings
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.kafka_io import ensure_topics, make_producer
 from ebrflow.stream.replay import Pacer
@@ -240,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     series = {k: r["latencies"] for k, r in results.items()}
     run.payload["plots"].append(cdfs(run.path("freshness.png"), series, "Produce → visible in Milvus", "seconds").name)
     run.payload["results"] = results
+    defaults = Settings()
     run.payload["notes"] += [
-        "Trainer: ebrflow defaults (two_tower dim 64 with the served popularity prior, micro-batch closes at "
-        "1,024 events or 1 s, FLAT index, "
-        "Milvus Lite in-process) with session_timeout_ms=6000; synthetic users/items (10k/5k) for the other events.",
+        f"Trainer: ebrflow defaults ({defaults.model.kind} dim {defaults.model.dim} with the served popularity "
+        f"prior, micro-batch closes at {defaults.batch.max_events:,} events or {defaults.batch.max_wait_ms} ms, "
+        f"{defaults.milvus.index_type} index, Milvus Lite) with session_timeout_ms=6000; synthetic users/items "
+        "(10k/5k) for the other events.",
         f"Every {args.every}th event during the {args.seconds:g} s measured phase has a brand-new item id; "
         f"the poller asks Milvus every {args.poll_ms:g} ms, which adds up to that much to each latency.",
         f"torch threads = model.threads (ebrflow's default 1; {default_threads} is torch's own default here): "

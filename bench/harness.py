@@ -41,7 +41,7 @@ def preproduce(bootstrap: str, topic: str, events: EventArrays, partitions: int 
 
 
 def trainer_settings(bootstrap: str, topic: str, group: str, workdir: Path, **sections: dict[str, Any]) -> Settings:
-    """ebrflow's defaults (two_tower, batch 1,024 / 1 s, FLAT) on ``bootstrap``, Milvus Lite under ``workdir``.
+    """ebrflow's default settings on ``bootstrap``, Milvus Lite under ``workdir``.
 
     Deviations: a 6 s session timeout (Tansu's join takes ~half of it), metrics on an ephemeral port, CPU.
     ``sections`` override whole config sections' keys, e.g. ``batch={"max_events": 256}``.

@@ -295,9 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(run, results, produce_rate, args)
     run.payload["notes"] += [
         "Synthetic events: 10,000 users, 5,000 items (stream.generator.SyntheticStream, seed 7), JSON on the wire.",
-        "End to end uses ebrflow's default settings (model dim 64 with the served popularity prior, batch 1,024 / "
-        "1 s, FLAT, eval_sample 256) except session_timeout_ms=6000 and model.threads=[threads]; a fresh consumer "
-        "group and Milvus Lite dir per run.",
+        "End to end uses ebrflow's default settings (the default model and the other kind, dim 64 with the served "
+        "popularity prior, eval_sample 256, FLAT) except session_timeout_ms=6000 and model.threads=[threads]; the "
+        "events are pre-produced, so batches fill to batch.max_events; a fresh consumer group and Milvus Lite dir "
+        "per run.",
         "Compute: a fresh model per run, built as the trainer builds it (app defaults, model.threads for torch and "
         "BLAS), timed over the same events an end-to-end run trains (graph growth and spectral refits included). "
         f"[threads=N] is torch's intra-op thread count (torch's default here: {torch.get_num_threads()}; ebrflow "
