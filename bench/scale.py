@@ -778,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Worker processes run with OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = {args.blas_threads} "
             "(--blas-threads): the spectral refit is scipy's svds on OpenBLAS, and with the default (one thread "
             "per core) on this shared 2-core machine a 10k-node refit inside the pipeline took ≈ 1.4 s instead of "
-            "≈ 0.18 s (thread oversubscription next to Milvus Lite and other processes). The app limits BLAS to model.threads itself (threadpoolctl in build_model).",
+            "≈ 0.18 s (thread oversubscription next to Milvus Lite and other processes). The app limits BLAS to "
+            "model.threads itself (threadpoolctl in build_model).",
             "Publish in the graph sweep writes into a collection that starts empty (Milvus cost vs collection size "
             "is the upsert table); the whole-graph prefill is not published.",
         ]
