@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ebrflow.model.base import Batch, TrainReport
+from ebrflow.model.prior import PopularityPrior
 from ebrflow.model.ssmtl import SSMTLModel
 from ebrflow.model.training import StepResult, train_chunks
 
@@ -57,10 +58,18 @@ class CommStats:
 
 
 class ReplicatedTrainer:
-    """Runs ``SSMTLModel`` data-parallel across the ranks of the default process group (see the module doc)."""
+    """Runs ``SSMTLModel`` data-parallel across the ranks of the default process group (see the module doc).
 
-    def __init__(self, model: SSMTLModel, group: dist.ProcessGroup | None = None) -> None:
-        self.model = model
+    ``served`` is what is published and checkpointed: the SSMTL model, or a ``PopularityPrior`` around it (the
+    default configuration), whose popularity counts then follow the global batch too.
+    """
+
+    def __init__(self, model: SSMTLModel | PopularityPrior, group: dist.ProcessGroup | None = None) -> None:
+        self.served = model
+        inner = model.model if isinstance(model, PopularityPrior) else model
+        if not isinstance(inner, SSMTLModel):
+            raise TypeError(f"ranks train the SSMTL model (model.kind = 'ssmtl'), not {type(inner).__name__}")
+        self.model = inner
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -133,6 +142,8 @@ class ReplicatedTrainer:
             m.max_step_size * self.world,
             min_step_size=2 * self.world,
         )
+        if isinstance(self.served, PopularityPrior):
+            self.served.count(batch)
         self.stats.steps += 1
         self.stats.compute_seconds += (time.perf_counter() - t0) - (self.stats.seconds - comm0)
         return report
@@ -225,7 +236,7 @@ class ReplicatedTrainer:
         return ok
 
 
-def replica_digest(model: SSMTLModel) -> str:
+def replica_digest(model: SSMTLModel | PopularityPrior) -> str:
     """SHA-256 of every tensor a replica holds (parameters, buffers, optimiser moments, graph) and its version."""
     h = hashlib.sha256()
 
