@@ -4,6 +4,7 @@ Milvus equals the model, and a SIGKILLed rank makes torchrun restart the group w
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,32 @@ N = 12_000
 
 def _ranks_cmd(cfg: Path, idle_exit: float) -> list[str]:
     return [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg), "--ranks", "2", "--idle-exit", str(idle_exit)]
+
+
+def _worker_pid(agent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with ``RANK=rank`` started by ``agent`` (from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def _wait_for_checkpoint(data: Path, proc: subprocess.Popen, timeout_s: float = 120.0) -> bool:
+    """Wait until every rank saved a checkpoint and trained a little more (or the job exited)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(any((data / f"rank{r}" / "checkpoints").glob("ckpt-*.pt")) for r in (0, 1)):
+            time.sleep(1.5)  # a few steps past the checkpoint: the kill loses trained, unsaved work
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _audit(data: Path, topic: str) -> dict[int, np.ndarray]:
@@ -83,6 +110,37 @@ def test_two_ranks_train_every_event_into_one_model(broker: EmbeddedBroker, tmp_
             assert len(audit.get(p, [])) == n and (audit[p] >= 1).all(), p  # every offset trained at least once
         per_rank = [sum(len(c) for c in coverage(data / f"rank{r}" / "processed.log", topic).values()) for r in (0, 1)]
         assert min(per_rank) > 0  # the group split the partitions: both ranks consumed
+        models = _final_models(cfg, data)
+        assert replica_digest(models[0]) == replica_digest(models[1])
+        _check_milvus_equals(models[0], uri)
+
+
+def test_a_sigkilled_rank_restarts_the_group_and_nothing_is_lost(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    topic, data = "ranks-crash.events", tmp_path / "data"
+    with milvus_lite_server(tmp_path / "milvus") as uri:
+        cfg = write_config(
+            tmp_path / "t.toml", broker.bootstrap_servers, topic, "ranks-crash", data,
+            milvus={"uri": uri, "flush_interval_s": 10}, batch={"max_events": 512, "max_wait_ms": 300},
+            run={"checkpoint_every_batches": 5},
+        )  # fmt: skip
+        produced = produce_fast(broker.bootstrap_servers, topic, 3 * N, partitions=[0, 1, 2, 3])
+        log = (tmp_path / "ranks.log").open("w")
+        proc = subprocess.Popen(_ranks_cmd(cfg, 10), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert _wait_for_checkpoint(data, proc), (tmp_path / "ranks.log").read_text()[-3000:]
+            victim = _worker_pid(proc.pid, 1)
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            assert proc.wait(timeout=400) == 0, (tmp_path / "ranks.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = (tmp_path / "ranks.log").read_text()
+        assert "exitcode: -9" in text  # torchrun saw the killed rank and restarted the group (rc 0 above)
+        audit = _audit(data, topic)
+        for p, n in produced.items():
+            assert len(audit.get(p, [])) == n and (audit[p] >= 1).all(), p
         models = _final_models(cfg, data)
         assert replica_digest(models[0]) == replica_digest(models[1])
         _check_milvus_equals(models[0], uri)
