@@ -226,8 +226,11 @@ def run(
         raise typer.Exit(ranked.launch(ranks, max_restarts, argv))
     if ranked.in_worker():
         summary = ranked.run_rank(settings, settings.kafka.bootstrap_servers, max_events, idle_exit)
-        rank = int(summary.extra["rank"])
-        _say(f"rank {rank}: consumed {summary.consumed:,} ({summary.invalid} invalid) in {summary.seconds:.1f} s")
+        x = {k: int(v) for k, v in summary.extra.items() if k in ("rank", "owned_items", "owned_users")}
+        _say(
+            f"rank {x['rank']}: consumed {summary.consumed:,} ({summary.invalid} invalid) in {summary.seconds:.1f} s, "
+            f"owns {x['owned_items']:,} items and {x['owned_users']:,} users in Milvus"
+        )
         return
     _preflight_trainer(settings)
     with kafka_endpoint(settings) as servers:

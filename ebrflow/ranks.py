@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -145,15 +146,19 @@ def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None,
             Generations(store.client, settings.milvus.collection_prefix),
             run.max_staleness_s,
         )
+        previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             summary = loop.run(max_events=max_events, idle_exit_s=idle_exit_s)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             consumer.close()
             loop.dlq.close()
             if audit is not None:
                 audit.close()
         s = trainer.stats
         summary.extra.update(rank=rank, comm_s=s.seconds, compute_s=s.compute_seconds, bytes=s.bytes_total)
+        summary.extra.update(owned_items=loop.owned[0], owned_users=loop.owned[1])
         log.info(
             "rank %d: %d events consumed, %d global steps, communication %.1f s, compute %.1f s, %d bytes sent",
             rank, summary.consumed, s.steps, s.seconds, s.compute_seconds, s.bytes_total,

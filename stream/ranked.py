@@ -141,6 +141,7 @@ class RankedLoop:
         self.step_id = 0  # global steps that trained events (the checkpoint step id)
         self.partitions: list[int] = []
         self._stop = False
+        self.owned = (0, 0)  # (items, users) this rank published at its last full re-publish
         self._committed: Offsets = {}
         self._invalid = 0
 
@@ -292,6 +293,7 @@ class RankedLoop:
         model, world, empty = self.trainer.served, self.trainer.world, np.empty(0, np.int64)
         items, users = model.known_items(), model.known_users()
         items, users = items[owner(items, world) == self.rank], users[owner(users, world) == self.rank]
+        self.owned = (len(items), len(users))
         for s in range(0, max(len(items), len(users)), chunk):
             i, u = items[s : s + chunk], users[s : s + chunk]
             job = self.publisher.prepare(

@@ -5,6 +5,7 @@ Milvus equals the model, and a SIGKILLed rank makes torchrun restart the group w
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pymilvus import MilvusClient
 from ebrflow.app import build_model
 from ebrflow.config import load_settings
 from ebrflow.model.checkpoint import CheckpointStore
-from ebrflow.model.distributed import replica_digest
+from ebrflow.model.distributed import owner, replica_digest
 from ebrflow.stream.broker import EmbeddedBroker
 from tests.crash_harness import coverage, produce_fast, write_config
 from tests.faults import milvus_lite_server
@@ -113,6 +114,19 @@ def test_two_ranks_train_every_event_into_one_model(broker: EmbeddedBroker, tmp_
         models = _final_models(cfg, data)
         assert replica_digest(models[0]) == replica_digest(models[1])
         _check_milvus_equals(models[0], uri)
+        _check_one_writer(done.stdout + done.stderr, models[0])
+
+
+def _check_one_writer(output: str, model) -> None:  # noqa: ANN001
+    """Each rank's closing line names the ids it published; they are exactly its ``owner`` share, and together all."""
+    flat = " ".join(output.split())  # the console wraps long lines
+    found = re.findall(r"rank (\d): consumed.*?owns ([\d,]+) items and ([\d,]+) users", flat)
+    owns = {int(r): (int(i.replace(",", "")), int(u.replace(",", ""))) for r, i, u in found}
+    assert sorted(owns) == [0, 1], output[-2000:]
+    for r, (items, users) in owns.items():
+        assert items == int((owner(model.known_items(), 2) == r).sum())
+        assert users == int((owner(model.known_users(), 2) == r).sum())
+    assert sum(i for i, _ in owns.values()) == len(model.known_items())
 
 
 def test_a_sigkilled_rank_restarts_the_group_and_nothing_is_lost(broker: EmbeddedBroker, tmp_path: Path) -> None:
