@@ -227,9 +227,11 @@ def run(
     if ranked.in_worker():
         summary = ranked.run_rank(settings, settings.kafka.bootstrap_servers, max_events, idle_exit)
         x = {k: int(v) for k, v in summary.extra.items() if k in ("rank", "owned_items", "owned_users")}
+        recall = summary.extra.get("recall")
         _say(
             f"rank {x['rank']}: consumed {summary.consumed:,} ({summary.invalid} invalid) in {summary.seconds:.1f} s, "
             f"owns {x['owned_items']:,} items and {x['owned_users']:,} users in Milvus"
+            + (f", Recall@{settings.metrics.recall_k} {recall:.3f}" if recall is not None else "")
         )
         return
     _preflight_trainer(settings)

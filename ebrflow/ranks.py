@@ -8,6 +8,7 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,9 @@ def init_group(backend: str, timeout: timedelta = timedelta(minutes=10)) -> None
 
 def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None, idle_exit_s: float | None):  # noqa: ANN201
     """Join the process group (gloo on CPU, nccl on CUDA) and run this rank's loop; returns its ``RunSummary``."""
-    from ebrflow.app import build_model, model_fingerprint, open_store
+    from ebrflow.app import build_model, evaluator_for, model_fingerprint, open_store
     from ebrflow.indexer.generations import Generations
+    from ebrflow.indexer.mirror import EmbeddingMirror
     from ebrflow.indexer.publisher import Publisher
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.model.distributed import ReplicatedTrainer
@@ -128,6 +130,12 @@ def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None,
         if run.checkpoints:
             ckpt_store = CheckpointStore(data / "checkpoints", run.checkpoint_keep)
             checkpoints = RankCheckpoints(ckpt_store, trainer, publisher, model_fingerprint(settings.model))
+        evaluator = None
+        if rank == 0:  # one rank scores test-then-train recall over what all ranks serve, as the single trainer does
+            view = SimpleNamespace(
+                items=EmbeddingMirror(store.dim), users=EmbeddingMirror(store.dim), seen=publisher.seen
+            )
+            evaluator = evaluator_for(settings, view)  # type: ignore[arg-type]
         kwargs = k.client_kwargs()
         fetch_bytes = max(k.max_event_bytes * 4, 1 << 20)
         consumer = make_consumer(bootstrap_servers, k.group_id, k.session_timeout_ms, fetch_bytes, kwargs)
@@ -145,6 +153,7 @@ def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None,
             audit,
             Generations(store.client, settings.milvus.collection_prefix),
             run.max_staleness_s,
+            evaluator=evaluator,
         )
         previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -159,6 +168,8 @@ def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None,
         s = trainer.stats
         summary.extra.update(rank=rank, comm_s=s.seconds, compute_s=s.compute_seconds, bytes=s.bytes_total)
         summary.extra.update(owned_items=loop.owned[0], owned_users=loop.owned[1])
+        if evaluator is not None:
+            summary.extra["recall"] = evaluator.total.all.recall or 0.0
         log.info(
             "rank %d: %d events consumed, %d global steps, communication %.1f s, compute %.1f s, %d bytes sent",
             rank, summary.consumed, s.steps, s.seconds, s.compute_seconds, s.bytes_total,

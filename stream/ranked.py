@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import Protocol, TextIO, TypeVar
 
 import numpy as np
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from ebrflow.indexer.generations import Generations
+from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch
 from ebrflow.model.checkpoint import CheckpointStore
@@ -41,6 +42,17 @@ from ebrflow.stream.schema import EventCodec, InvalidEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class ServedScorer(Protocol):
+    """Prequential scoring over what all ranks serve (``ops.prequential.PrequentialEvaluator`` is one): the loop
+    mirrors every published vector into ``items``/``users`` and calls ``evaluate`` before training a batch."""
+
+    items: EmbeddingMirror
+    users: EmbeddingMirror
+
+    def evaluate(self, batch: Batch) -> object:
+        """Score the batch against the mirrors, then count it as history."""
 
 
 class RankCheckpoints:
@@ -129,11 +141,13 @@ class RankedLoop:
         generations: Generations | None = None,
         max_staleness_s: float | None = 300.0,
         max_backoff_s: float = 30.0,
+        evaluator: ServedScorer | None = None,
     ) -> None:
         self.consumer, self.topic, self.codec, self.dlq = consumer, topic, codec, dlq
         self.trainer, self.publisher, self.batcher = trainer, publisher, batcher
         self.checkpoints, self.checkpoint_every, self.audit_log = checkpoints, checkpoint_every, audit_log
         self.generations, self.max_backoff_s = generations, max_backoff_s
+        self.evaluator = evaluator  # prequential recall over what all ranks serve (one rank runs it)
         self.refresh = RollingRefresh(max_staleness_s, time.monotonic()) if max_staleness_s else None
         self.gate = PartitionGate(consumer)
         self.summary = RunSummary()
@@ -255,7 +269,10 @@ class RankedLoop:
         if local.invalid:
             self._retrying("dlq", lambda: self.dlq.flush(timeout_s=5.0))
         nexts = [self.gate.next_offsets.get((self.topic, p), -1) for p in self.partitions]
-        global_batch, _, headers = self.trainer.step(local.batch, [int(done), int(idle), *nexts])
+        global_batch, headers = self.trainer.exchange(local.batch, [int(done), int(idle), *nexts])
+        if len(global_batch) and self.evaluator is not None:
+            self.evaluator.evaluate(global_batch)  # test, then train: against what all ranks serve now
+        self.trainer.fit_global(global_batch)
         for p, offset in zip(self.partitions, headers[:, 2:].max(axis=0).tolist()):
             if offset >= 0:
                 key = (self.topic, p)
@@ -276,30 +293,36 @@ class RankedLoop:
 
     def _publish(self, batch: Batch) -> None:
         """Upsert the touched (and rolling-refresh) ids this rank owns; every rank records the batch's seen items."""
-        model, world = self.trainer.served, self.trainer.world
+        model = self.trainer.served
         items, users = np.unique(batch.item_ids), np.unique(batch.user_ids)
         if self.refresh is not None:
             due = self.refresh.next_slice({"item": model.known_items(), "user": model.known_users()}, time.monotonic())
             items, users = np.union1d(items, due["item"]), np.union1d(users, due["user"])
-        items, users = items[owner(items, world) == self.rank], users[owner(users, world) == self.rank]
-        job = self.publisher.prepare(
-            model.version, items, model.item_embeddings(items), users, model.user_embeddings(users),
-            (batch.user_ids, batch.item_ids),
-        )  # fmt: skip
-        self._retrying("publish", lambda: self.publisher.publish(job))
+        self._write(items, users, (batch.user_ids, batch.item_ids))
 
     def republish_owned(self, chunk: int = 5000) -> None:
         """Write every known id this rank owns at the model's current version (after a restore, at the end)."""
         model, world, empty = self.trainer.served, self.trainer.world, np.empty(0, np.int64)
         items, users = model.known_items(), model.known_users()
-        items, users = items[owner(items, world) == self.rank], users[owner(users, world) == self.rank]
-        self.owned = (len(items), len(users))
+        self.owned = (int((owner(items, world) == self.rank).sum()), int((owner(users, world) == self.rank).sum()))
         for s in range(0, max(len(items), len(users)), chunk):
-            i, u = items[s : s + chunk], users[s : s + chunk]
-            job = self.publisher.prepare(
-                model.version, i, model.item_embeddings(i), u, model.user_embeddings(u), (empty, empty)
-            )
-            self._retrying("publish", lambda j=job: self.publisher.publish(j))
+            self._write(items[s : s + chunk], users[s : s + chunk], (empty, empty))
+
+    def _write(self, items: np.ndarray, users: np.ndarray, interactions: tuple[np.ndarray, np.ndarray]) -> None:
+        """Upsert the ids of ``items``/``users`` this rank owns (synchronously, retried); with an evaluator, mirror
+        every one of them as served (each id's owner writes the same replicated vector)."""
+        model, world = self.trainer.served, self.trainer.world
+        mine_i, mine_u = owner(items, world) == self.rank, owner(users, world) == self.rank
+        if self.evaluator is None:
+            items, users, mine_i, mine_u = items[mine_i], users[mine_u], mine_i[mine_i], mine_u[mine_u]
+        item_vecs, user_vecs = model.item_embeddings(items), model.user_embeddings(users)
+        job = self.publisher.prepare(
+            model.version, items[mine_i], item_vecs[mine_i], users[mine_u], user_vecs[mine_u], interactions
+        )
+        self._retrying("publish", lambda: self.publisher.publish(job))
+        if self.evaluator is not None:
+            self.evaluator.items.update(items, item_vecs, time.time())
+            self.evaluator.users.update(users, user_vecs, time.time())
 
     def _save(self) -> None:
         """Checkpoint this rank at the current step, then commit the offsets of the partitions it holds."""

@@ -115,6 +115,23 @@ def test_two_ranks_train_every_event_into_one_model(broker: EmbeddedBroker, tmp_
         assert replica_digest(models[0]) == replica_digest(models[1])
         _check_milvus_equals(models[0], uri)
         _check_one_writer(done.stdout + done.stderr, models[0])
+    # the same stream through one trainer (own group, Milvus Lite, data): prequential recall within noise
+    single_cfg = write_config(tmp_path / "single.toml", broker.bootstrap_servers, topic, "single-group",
+                              tmp_path / "single", batch={"max_events": 512, "max_wait_ms": 300})  # fmt: skip
+    single = [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(single_cfg), "--idle-exit", "8"]
+    one = subprocess.run(single, capture_output=True, text=True, timeout=400)
+    assert one.returncode == 0, one.stderr[-3000:]
+    recall_one = _recall(one.stdout + one.stderr, r"consumed [\d,]+ .*?Recall@20 ([\d.]+)")
+    recall_ranks = _recall(done.stdout + done.stderr, r"rank 0: consumed.*?Recall@20 ([\d.]+)")
+    print(f"prequential Recall@20: 2 ranks {recall_ranks:.3f}, one trainer {recall_one:.3f}")
+    assert recall_ranks > 0.05 and abs(recall_ranks - recall_one) < 0.05, (recall_ranks, recall_one)
+
+
+def _recall(output: str, pattern: str) -> float:
+    """The Recall@K a closing line reports."""
+    found = re.findall(pattern, " ".join(output.split()))
+    assert found, output[-2000:]
+    return float(found[-1])
 
 
 def _check_one_writer(output: str, model) -> None:  # noqa: ANN001
