@@ -9,11 +9,15 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ebrflow.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from ebrflow.stream.pipeline import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,9 @@ def init_group(backend: str, timeout: timedelta = timedelta(minutes=10)) -> None
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
-def run_rank(settings: Settings, bootstrap_servers: str, max_events: int | None, idle_exit_s: float | None):  # noqa: ANN201
+def run_rank(
+    settings: Settings, bootstrap_servers: str, max_events: int | None, idle_exit_s: float | None
+) -> RunSummary:
     """Join the process group (gloo on CPU, nccl on CUDA) and run this rank's loop; returns its ``RunSummary``."""
     from ebrflow.app import build_model, evaluator_for, model_fingerprint, open_store
     from ebrflow.indexer.generations import Generations
