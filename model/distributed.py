@@ -237,6 +237,24 @@ class ReplicatedTrainer:
         return ok
 
 
+def verify_replicas(trainer: ReplicatedTrainer) -> bool:
+    """Compare every rank's ``replica_digest``; if any differs, every rank loads rank 0's state. True if all agreed.
+
+    Replicas stay identical only while every rank computes bit-identical results (same kernels, BLAS, thread
+    counts): on mixed machines a spectral refit may differ in its last bits. The ranked loop calls this with each
+    checkpoint, so a divergence is logged and repaired instead of growing silently.
+    """
+    digests: list[str | None] = [None] * trainer.world
+    dist.all_gather_object(digests, replica_digest(trainer.served), group=trainer.group)
+    if len(set(digests)) == 1:
+        return True
+    state = [trainer.served.state_dict() if trainer.rank == 0 else None]
+    dist.broadcast_object_list(state, src=dist.get_global_rank(trainer.group, 0) if trainer.group else 0,
+                               group=trainer.group)  # fmt: skip
+    trainer.served.load_state_dict(state[0])  # on every rank, rank 0 too: the sampling RNG restarts alike
+    return False
+
+
 def replica_digest(model: SSMTLModel | PopularityPrior) -> str:
     """SHA-256 of every tensor a replica holds (parameters, buffers, optimiser moments, graph) and its version."""
     h = hashlib.sha256()

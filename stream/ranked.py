@@ -31,7 +31,7 @@ from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch
 from ebrflow.model.checkpoint import CheckpointStore
-from ebrflow.model.distributed import ReplicatedTrainer, owner
+from ebrflow.model.distributed import ReplicatedTrainer, owner, verify_replicas
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.checkpointer import CheckpointMismatch, Offsets, describe_mismatch
 from ebrflow.stream.kafka_io import DeadLetterWriter
@@ -325,7 +325,9 @@ class RankedLoop:
             self.evaluator.users.update(users, user_vecs, time.time())
 
     def _save(self) -> None:
-        """Checkpoint this rank at the current step, then commit the offsets of the partitions it holds."""
+        """Check the replicas agree, checkpoint this rank at the current step, commit its partitions' offsets."""
+        if not verify_replicas(self.trainer):
+            log.error("replicas diverged at step %d: every rank reloaded rank 0's state", self.step_id)
         if self.checkpoints is not None:
             self.checkpoints.save(self.step_id, self.offsets, self.publisher.store.generation)
         self._commit()

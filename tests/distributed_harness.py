@@ -109,3 +109,37 @@ def run_ranks(world: int, out: Path, n_events: int, batch_size: int, skew_every:
     args = (world, free_port(), str(out), n_events, batch_size, skew_every)
     mp.spawn(worker, args=args, nprocs=world, join=True)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def diverge_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Train a little, perturb rank 1's replica, then ``verify_replicas``: it must report and repair the divergence."""
+    from ebrflow.model.distributed import ReplicatedTrainer, replica_digest, verify_replicas
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = ReplicatedTrainer(small_model())
+        stream = events(2048)
+        for s in range(0, 2048, 512):
+            part = slice(s + rank * 256, s + (rank + 1) * 256)
+            trainer.step(Batch.of(stream.user_ids[part], stream.item_ids[part], ts_ms=stream.ts_ms[part]))
+        first = verify_replicas(trainer)
+        if rank == 1:
+            with torch.no_grad():
+                trainer.model.encoder.tables[0].weight[0] += 1e-6  # one bit-level difference
+        second = verify_replicas(trainer)
+        third = verify_replicas(trainer)
+        trainer.step(Batch.of(stream.user_ids[:64], stream.item_ids[:64], ts_ms=stream.ts_ms[:64]))
+        result = {"checks": [first, second, third], "digest": replica_digest(trainer.model)}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_diverge(out: Path) -> list[dict]:
+    """Two ranks through ``diverge_worker``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(diverge_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]

@@ -7,7 +7,7 @@ import numpy as np
 from bench.common import evaluate_stream
 from bench.scorers import ModelScorer
 from ebrflow.model.distributed import owner
-from tests.distributed_harness import events, run_ranks, small_model
+from tests.distributed_harness import events, run_diverge, run_ranks, small_model
 
 N_EVENTS, BATCH = 12_000, 1024
 
@@ -30,3 +30,9 @@ def test_two_ranks_stay_identical_and_match_single_process_recall(tmp_path) -> N
     assert abs(two - one) < 0.04, (one, two)  # ~3 standard errors of 768 scored events
     sent = sum(r["bytes_events"] for r in ranks) / N_EVENTS  # all ranks' event payload per event
     assert 32 <= sent < 64  # 32 bytes per event, padding to the largest rank's slice (the skewed steps), headers
+
+
+def test_a_diverged_replica_is_detected_and_resynced_from_rank_0(tmp_path) -> None:
+    ranks = run_diverge(tmp_path)
+    assert [r["checks"] for r in ranks] == [[True, False, True]] * 2  # agreed, diverged (repaired), agreed again
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # and they keep training identically after the reload
