@@ -30,7 +30,7 @@ from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.mirror import EmbeddingMirror
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch
-from ebrflow.model.checkpoint import CheckpointStore
+from ebrflow.model.checkpoint import CheckpointStore, decode
 from ebrflow.model.distributed import ReplicatedTrainer, owner, verify_replicas
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.checkpointer import CheckpointMismatch, Offsets, describe_mismatch
@@ -91,19 +91,35 @@ class RankCheckpoints:
         return found
 
     def restore(self) -> tuple[int, Offsets, int | None] | None:
-        """Agree with every rank on the newest step all of them saved and load it: (step, offsets, generation)."""
-        mine = self.steps()
-        every: list[list[int]] = [[] for _ in range(self.trainer.world)]
-        dist.all_gather_object(every, sorted(mine), group=self.trainer.group)
-        common = set.intersection(*(set(s) for s in every))
+        """Agree with every rank on a step and load it: (step, offsets, generation), or None to start empty.
+
+        The step is the newest one every rank holding checkpoints saved. A rank without checkpoints (the job grew)
+        receives that state from the lowest rank holding it: the model is replicated, so any copy serves.
+        """
+        try:
+            mine: dict[int, Path] | None = self.steps()
+        except CheckpointMismatch as exc:
+            mismatch, mine = str(exc), None
+        every: list[list[int] | None] = [None] * self.trainer.world
+        dist.all_gather_object(every, None if mine is None else sorted(mine), group=self.trainer.group)
+        if mine is None or any(s is None for s in every):
+            raise CheckpointMismatch(
+                mismatch if mine is None else "another rank's checkpoint has another configuration"
+            )
+        holding = [set(s) for s in every if s]
+        common = set.intersection(*holding) if holding else set()
         if not common:
-            if any(every):
+            if holding:
                 log.warning("rank checkpoints share no step (%s): starting from an empty model", every)
             return None
         step = max(common)
-        from ebrflow.model.checkpoint import decode
-
-        state = decode(mine[step].read_bytes())
+        if all(every):
+            state = decode(mine[step].read_bytes())
+        else:
+            src = min(r for r, s in enumerate(every) if s)
+            box = [decode(mine[step].read_bytes()) if self.trainer.rank == src else None]
+            dist.broadcast_object_list(box, src=src, group=self.trainer.group)
+            state = box[0]
         self.trainer.served.load_state_dict(state["model"])
         self.publisher.seen.load_state_dict(state["seen"])
         offsets: Offsets = {}

@@ -143,3 +143,46 @@ def run_diverge(out: Path) -> list[dict]:
 
     mp.spawn(diverge_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def grow_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Ranks 0 and 1 checkpoint a trained replica at steps 1 and 2 (rank 1 misses step 2, as if killed first); then
+    all ``world`` ranks restore: the newest common step, and the rank without checkpoints receives it."""
+    from types import SimpleNamespace
+
+    from ebrflow.indexer.seen import SeenItems
+    from ebrflow.model.checkpoint import CheckpointStore
+    from ebrflow.model.distributed import ReplicatedTrainer, replica_digest
+    from ebrflow.stream.ranked import RankCheckpoints
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = ReplicatedTrainer(small_model())
+        publisher = SimpleNamespace(seen=SeenItems())
+        ckpts = RankCheckpoints(CheckpointStore(Path(out, f"rank{rank}")), trainer, publisher, {"kind": "t"})  # type: ignore[arg-type]
+        stream = events(1024)
+        digests = []
+        for step in (1, 2):
+            part = slice((step - 1) * 512 + rank * 128, (step - 1) * 512 + (rank + 1) * 128)
+            trainer.step(Batch.of(stream.user_ids[part], stream.item_ids[part], ts_ms=stream.ts_ms[part]))
+            digests.append(trainer.model.version)
+            if rank == 0 or (rank == 1 and step == 1):
+                ckpts.save(step, {("t", 0): step * 100}, 1)
+        fresh = ReplicatedTrainer(small_model())
+        again = RankCheckpoints(CheckpointStore(Path(out, f"rank{rank}")), fresh, publisher, {"kind": "t"})  # type: ignore[arg-type]
+        restored = again.restore()
+        result = {"step": restored[0], "offsets": restored[1][("t", 0)], "digest": replica_digest(fresh.served),
+                  "versions": digests, "restored_version": fresh.model.version}  # fmt: skip
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_grow(out: Path, world: int = 3) -> list[dict]:
+    """``world`` ranks through ``grow_worker``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(grow_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]

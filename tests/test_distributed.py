@@ -7,7 +7,7 @@ import numpy as np
 from bench.common import evaluate_stream
 from bench.scorers import ModelScorer
 from ebrflow.model.distributed import owner
-from tests.distributed_harness import events, run_diverge, run_ranks, small_model
+from tests.distributed_harness import events, run_diverge, run_grow, run_ranks, small_model
 
 N_EVENTS, BATCH = 12_000, 1024
 
@@ -36,3 +36,10 @@ def test_a_diverged_replica_is_detected_and_resynced_from_rank_0(tmp_path) -> No
     ranks = run_diverge(tmp_path)
     assert [r["checks"] for r in ranks] == [[True, False, True]] * 2  # agreed, diverged (repaired), agreed again
     assert ranks[0]["digest"] == ranks[1]["digest"]  # and they keep training identically after the reload
+
+
+def test_restore_takes_the_newest_common_step_and_a_new_rank_receives_it(tmp_path) -> None:
+    ranks = run_grow(tmp_path)  # rank 1 saved step 1 only; rank 2 is new (no checkpoints)
+    assert [(r["step"], r["offsets"]) for r in ranks] == [(1, 100)] * 3
+    assert len({r["digest"] for r in ranks}) == 1  # one replica everywhere (the new rank's came by broadcast)
+    assert ranks[2]["restored_version"] == ranks[0]["versions"][0] < ranks[0]["versions"][1]  # that of step 1
