@@ -220,6 +220,8 @@ def run(
     settings = _settings(config, log_format)
     if ranks > 1 or ranked.in_worker():
         ranked.check_ranked(settings)
+        if new_generation:
+            raise ConfigError("--new-generation is not supported with --ranks yet (ranks write the served generation)")
     if ranks > 1 and not ranked.in_worker():
         fmt = log_format.value if log_format else None
         argv = ranked.worker_argv(config, fmt, max_events, idle_exit)
