@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # `make bench` runs every suite in bench/ (hours on 2 cores; choose with BENCH_SUITES="quality throughput"), then
 # renders bench/results/RESULTS.md; gowalla only when its data sit beside the checkout (../shared/data).
 GOWALLA_DATA ?= ../shared/data/lightgcn-gowalla
-BENCH_SUITES ?= quality throughput freshness scale soak task_cost variants $(if $(wildcard $(GOWALLA_DATA)),gowalla)
+BENCH_SUITES ?= quality throughput freshness scale soak task_cost variants ranks $(if $(wildcard $(GOWALLA_DATA)),gowalla)
 
 .PHONY: venv demo test lint bench clean
 

@@ -108,7 +108,7 @@ def readme_summary(results_dir: Path, link_prefix: str = "") -> str:
         "(tuning grids, notes) are in [bench/results/RESULTS.md](bench/results/RESULTS.md).",
         "",
     ]
-    for name in [*ORDER, "soak", "gowalla", "task_cost"]:
+    for name in [*ORDER, "soak", "gowalla", "task_cost", "ranks"]:
         path = results_dir / f"{name}.json"
         if not path.exists():
             continue

@@ -208,11 +208,34 @@ def run(
         bool, typer.Option(help="Train a new model generation behind the served aliases (switched once caught up).")
     ] = False,
     log_format: LogFormatOpt = None,
+    ranks: Annotated[
+        int, typer.Option(min=1, help="Trainer ranks on this machine (torchrun; needs a Kafka and a Milvus server).")
+    ] = 1,
+    max_restarts: Annotated[int, typer.Option(min=0, help="With --ranks: restarts of the group after a crash.")] = 3,
 ) -> None:  # noqa: UP045
     """Run the trainer: consume the topic, train, publish to Milvus, serve metrics, until stopped."""
+    from ebrflow import ranks as ranked
     from ebrflow.app import build_trainer, kafka_endpoint
 
     settings = _settings(config, log_format)
+    if ranks > 1 or ranked.in_worker():
+        ranked.check_ranked(settings)
+        if new_generation:
+            raise ConfigError("--new-generation is not supported with --ranks yet (ranks write the served generation)")
+    if ranks > 1 and not ranked.in_worker():
+        fmt = log_format.value if log_format else None
+        argv = ranked.worker_argv(config, fmt, max_events, idle_exit)
+        raise typer.Exit(ranked.launch(ranks, max_restarts, argv))
+    if ranked.in_worker():
+        summary = ranked.run_rank(settings, settings.kafka.bootstrap_servers, max_events, idle_exit)
+        x = {k: int(v) for k, v in summary.extra.items() if k in ("rank", "owned_items", "owned_users")}
+        recall = summary.extra.get("recall")
+        _say(
+            f"rank {x['rank']}: consumed {summary.consumed:,} ({summary.invalid} invalid) in {summary.seconds:.1f} s, "
+            f"owns {x['owned_items']:,} items and {x['owned_users']:,} users in Milvus"
+            + (f", Recall@{settings.metrics.recall_k} {recall:.3f}" if recall is not None else "")
+        )
+        return
     _preflight_trainer(settings)
     with kafka_endpoint(settings) as servers:
         trainer = build_trainer(settings, servers, new_generation=new_generation)

@@ -41,9 +41,13 @@ class PopularityPrior:
     def fit_batch(self, batch: Batch) -> TrainReport:
         """Train the inner model, then count the batch's items into the decayed popularity."""
         report = self.model.fit_batch(batch)
+        self.count(batch)
+        return report
+
+    def count(self, batch: Batch) -> None:
+        """Count the batch's items into the decayed popularity (what ``fit_batch`` adds to the inner model's step)."""
         self._frequency.decay = 0.5 ** (len(batch) / self.half_life)
         self._frequency.update(self._items.add(batch.item_ids))
-        return report
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
         """The inner user vectors with a trailing 1."""

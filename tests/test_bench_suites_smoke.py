@@ -132,6 +132,17 @@ def test_variants_smoke(tmp_path: Path) -> None:
     finite(*(r["events_per_s"] for r in results.values()))
 
 
+def test_ranks_smoke(tmp_path: Path) -> None:
+    from bench import ranks
+
+    assert ranks.main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = load(tmp_path, "ranks")["results"]
+    assert [len(results["ranks"][w]) for w in ("1", "2")] == [1, 2]
+    two = results["ranks"]["2"]
+    assert sum(r["events"] for r in two) == results["ranks"]["1"][0]["events"]  # the same stream, split by user
+    finite(*(r["comm_s"] for r in two), results["sharded_bytes_per_event"])
+
+
 def test_scale_smoke(tmp_path: Path) -> None:
     from bench import scale
 

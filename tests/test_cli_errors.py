@@ -121,6 +121,29 @@ def test_replay_without_a_broker_is_a_configuration_error(tmp_path: Path) -> Non
     one_error(ebrflow("replay", "--synthetic", "5", cwd=tmp_path), 78, "kafka.bootstrap_servers")
 
 
+@pytest.mark.parametrize(
+    ("env", "fragments"),
+    [
+        ({}, ("ranks need kafka.bootstrap_servers",)),
+        ({"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9"}, ("ranks need a Milvus server", "milvus-lite server")),
+        (
+            {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9", "EBRFLOW_MILVUS__URI": "http://127.0.0.1:9",
+             "EBRFLOW_MODEL__KIND": "two_tower"},
+            ("model.kind must be 'ssmtl'",),
+        ),
+    ],
+)  # fmt: skip
+def test_ranks_refuse_what_one_process_cannot_share(tmp_path: Path, env: dict[str, str], fragments: tuple) -> None:
+    """Checked before torchrun starts anything: every rank would open its own broker or Milvus Lite directory."""
+    one_error(ebrflow("run", "--ranks", "2", env=env, cwd=tmp_path), 78, *fragments)
+    assert not (tmp_path / "ebrflow_data").exists()
+
+
+def test_ranks_do_not_take_new_generation_yet(tmp_path: Path) -> None:
+    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9", "EBRFLOW_MILVUS__URI": "http://127.0.0.1:9"}
+    one_error(ebrflow("run", "--ranks", "2", "--new-generation", env=env, cwd=tmp_path), 78, "--new-generation")
+
+
 # --- usage: 2 ------------------------------------------------------------------------------------------------
 
 

@@ -196,6 +196,18 @@ def test_trainer_runs_with_the_mounted_config(services: dict[str, Any]) -> None:
     assert (ROOT / trainer["build"].get("dockerfile", "Dockerfile")).is_file()
 
 
+def test_scaled_trainer_runs_two_ranks_apart_from_the_trainer(services: dict[str, Any]) -> None:
+    ranks = services["trainer-ranks"]
+    assert ranks["command"][-2:] == ["--ranks", "2"] and CONFIG_IN_CONTAINER in ranks["command"]
+    assert ranks["profiles"] == ["ranks"]  # opt-in: never a second model in the default stack
+    env = environment(ranks)
+    assert env["EBRFLOW_KAFKA__GROUP_ID"] != "ebrflow-trainer" and env["EBRFLOW_MILVUS__COLLECTION_PREFIX"] != "ebrflow"
+    assert {d: c["condition"] for d, c in ranks["depends_on"].items()} == {
+        "kafka": "service_healthy",
+        "milvus": "service_healthy",
+    }
+
+
 def test_producer_replays_synthetic_events_into_the_same_kafka(services: dict[str, Any]) -> None:
     producer = services["producer"]
     command = producer["command"]
