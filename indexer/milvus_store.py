@@ -154,7 +154,10 @@ class MilvusStore:
         schema = self._schemas[collection]
         types = {f["name"]: f["type"] for f in schema["fields"]}
         entities = [{"name": name, "type": types[name], "values": values} for name, values in columns.items()]
-        self.client._get_connection().upsert(collection, entities, schema=schema, partial_update=partial)  # noqa: SLF001
+        # pymilvus has no public column-oriented upsert: this is the call MilvusClient.upsert makes for rows, with the
+        # same connection and call context (the client's database), on the batch path instead of the row path
+        connection, context = self.client._get_connection(), self.client._generate_call_context()
+        connection.upsert(collection, entities, schema=schema, partial_update=partial, context=context)
 
     def delete_newer(self, version: int) -> int:
         """Delete rows written by a model version above ``version`` (a lost run); returns how many."""
