@@ -327,8 +327,8 @@ class SSMTLModel:
         count = np.bincount(pos, minlength=len(rows))
         coef = np.maximum(count[pos], 1.0) ** -0.5 * w * np.maximum(g.column_degree[nbr], 1.0) ** -0.5
         distinct, column = np.unique(nbr, return_inverse=True)
-        if not len(distinct):  # no neighbour at all: one zero-weighted row keeps the shapes valid
-            distinct, pos, column, coef = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), coef
+        if not len(distinct):  # no neighbour at all: one row with no weight keeps the shapes valid
+            distinct = np.zeros(1, np.int64)
         index = torch.from_numpy(np.stack([pos, column])).to(dev)
         weights = torch.sparse_coo_tensor(
             index, torch.from_numpy(coef.astype(np.float32)).to(dev), (len(rows), len(distinct)), check_invariants=False
