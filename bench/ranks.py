@@ -191,8 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     run.payload["tables"] = [
         table(
             "Throughput and communication per rank",
-            ["ranks", "rank", "events", "events/s (all ranks)", "compute s", "of it replicated s", "collectives s",
-             "event bytes sent / own event", "all bytes / event (job)"],
+            [
+                "ranks",
+                "rank",
+                "events",
+                "events/s (all ranks)",
+                "compute s",
+                "of it replicated s",
+                "collectives s",
+                "event bytes sent / own event",
+                "all bytes / event (job)",
+            ],
             rows,
             "compute = training outside collectives; replicated = graph ingest + spectral refits, repeated on every "
             "rank; collectives = time inside gloo calls, waiting for the slower rank included.",

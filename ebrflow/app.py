@@ -76,7 +76,11 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     else:
         model = TwoTowerModel(**common, temperature=cfg.temperature, **cfg.options)
     scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
-    return PopularityPrior(model, cfg.popularity_half_life, scale=scale) if prior else model
+    return (
+        PopularityPrior(model, cfg.popularity_half_life, scale=scale, lifetime=cfg.popularity_lifetime)
+        if prior
+        else model
+    )
 
 
 def backfill_file(

@@ -112,9 +112,7 @@ def _settings(config: Path | None, log_format: LogFormat | None = None) -> Setti
             logs.configure("INFO", log_format.value)
         raise
     if log_format is not None:
-        settings = settings.model_copy(
-            update={"run": settings.run.model_copy(update={"log_format": log_format.value})}
-        )
+        settings = settings.model_copy(update={"run": settings.run.model_copy(update={"log_format": log_format.value})})
     logs.configure(settings.run.log_level, settings.run.log_format)
     return settings
 

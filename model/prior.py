@@ -25,13 +25,17 @@ class PopularityPrior:
     (8, True)
     """
 
-    def __init__(self, model: RetrievalModel, half_life: float = 1000.0, scale: float = 0.1) -> None:
+    def __init__(
+        self, model: RetrievalModel, half_life: float = 1000.0, scale: float = 0.1, lifetime: float = 0.0
+    ) -> None:
         self.model = model
         self.half_life = half_life
         self.scale = scale
+        self.lifetime = lifetime
         self.dim = model.dim + 1
         self._items = IdIndex()
         self._frequency = ItemFrequency(decay=1.0)
+        self._lifetime = ItemFrequency(decay=1.0)
 
     @property
     def version(self) -> int:
@@ -47,7 +51,22 @@ class PopularityPrior:
     def count(self, batch: Batch) -> None:
         """Count the batch's items into the decayed popularity (what ``fit_batch`` adds to the inner model's step)."""
         self._frequency.decay = 0.5 ** (len(batch) / self.half_life)
-        self._frequency.update(self._items.add(batch.item_ids))
+        rows = self._items.add(batch.item_ids)
+        self._frequency.update(rows)
+        self._lifetime.update(rows)
+
+    def log_q(self, rows: np.ndarray) -> np.ndarray:
+        """Log popularity of item ``rows``: the recent share, mixed with the lifetime share by ``lifetime``.
+
+        An item absent from recent events otherwise gets the floor share (1e-9) whatever its history; the lifetime
+        share backs such items off to how popular they have been (in a file replayed in random order, recency is
+        noise and the lifetime share is the signal).
+        """
+        recent = np.exp(self._frequency.log_q(rows))
+        if self.lifetime <= 0:
+            return np.log(np.maximum(recent, 1e-9))
+        mixed = (1.0 - self.lifetime) * recent + self.lifetime * np.exp(self._lifetime.log_q(rows))
+        return np.log(np.maximum(mixed, 1e-9))
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
         """The inner user vectors with a trailing 1."""
@@ -57,7 +76,7 @@ class PopularityPrior:
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
         """The inner item vectors with a trailing ``scale · log q_recent``."""
         v = self.model.item_embeddings(item_ids)
-        prior = self.scale * self._frequency.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
+        prior = self.scale * self.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
         return np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
 
     def known_items(self) -> np.ndarray:
@@ -74,6 +93,7 @@ class PopularityPrior:
             "model": self.model.state_dict(),
             "items": self._items.state_dict(),
             "frequency": self._frequency.state_dict(),
+            "lifetime": self._lifetime.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -81,3 +101,7 @@ class PopularityPrior:
         self.model.load_state_dict(state["model"])
         self._items.load_state_dict(state["items"])
         self._frequency.load_state_dict(state["frequency"])
+        if "lifetime" in state:  # checkpoints before the lifetime share start it from the recent counts
+            self._lifetime.load_state_dict(state["lifetime"])
+        else:
+            self._lifetime.load_state_dict(state["frequency"])

@@ -129,7 +129,9 @@ def spectral_embeddings(
     """
     norm = normalised(matrix, a, b)
     u, s, v = truncated_svd(norm, k, seed) if start is None or not len(start) else warm_svd(norm, k, start, iters)
-    rows, cols = u * s**power, v * s**power
+    # s**power with directions whose singular value is numerically zero dropped (0**0 would weight them fully)
+    weight = np.where(s > (s.max() if len(s) else 0.0) * 1e-9, np.abs(s) ** power, 0.0)
+    rows, cols = u * weight, v * weight
     longest = float(np.linalg.norm(cols, axis=1).max()) if len(cols) else 0.0
     scale = 1.0 / longest if longest > 0 else 1.0
     return rows * scale, cols * scale

@@ -18,8 +18,13 @@ from ebrflow.stream.schema import EventCodec
 def write_config(path: Path, bootstrap: str, topic: str, group: str, data_dir: Path, **sections: dict) -> Path:
     """A trainer TOML for a subprocess run (default checkpoint schedule, audit log on, metrics on any port)."""
     base: dict[str, dict] = {
-        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "partitions": 4,
-                  "session_timeout_ms": 6000},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "group_id": group,
+            "partitions": 4,
+            "session_timeout_ms": 6000,
+        },
         "batch": {"max_events": 1024, "max_wait_ms": 200},
         "model": {"dim": 16, "device": "cpu"},
         "milvus": {"uri": str(data_dir / "milvus.db"), "flush_interval_s": 10},

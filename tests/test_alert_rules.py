@@ -263,9 +263,9 @@ def test_every_dashboard_selector_filters_job_and_instance() -> None:
         f"{title}: {name}"
         for title, expr in queries
         for name, matchers in selectors(expr)
-        if not {'job =~ $job', 'instance =~ $instance'} <= matchers or any(m.startswith("job = ") for m in matchers)
+        if not {"job =~ $job", "instance =~ $instance"} <= matchers or any(m.startswith("job = ") for m in matchers)
     ]
-    assert not unfiltered, f"selectors without job=~\"$job\", instance=~\"$instance\": {unfiltered}"
+    assert not unfiltered, f'selectors without job=~"$job", instance=~"$instance": {unfiltered}'
     assert len(queries) >= len(REQUIRED_PANELS)
 
 

@@ -21,8 +21,10 @@ def test_unknown_keys_are_rejected(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_secrets_never_appear_in_reprs_or_logs(caplog) -> None:  # noqa: ANN001
-    s = load_settings(kafka={"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "hunter2"},
-                      milvus={"token": "root:s3cret"})
+    s = load_settings(
+        kafka={"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "hunter2"},
+        milvus={"token": "root:s3cret"},
+    )
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("test").info("settings: %s %r", s, s.model_dump())
     text = repr(s) + str(s) + caplog.text

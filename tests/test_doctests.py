@@ -13,9 +13,7 @@ import pytest
 import ebrflow
 
 MODULES = sorted(
-    info.name
-    for info in pkgutil.walk_packages(ebrflow.__path__, "ebrflow.")
-    if not info.name.endswith("__main__")
+    info.name for info in pkgutil.walk_packages(ebrflow.__path__, "ebrflow.") if not info.name.endswith("__main__")
 )
 for sub in ("stream", "model", "indexer", "ops", "model.tasks"):
     package = importlib.import_module(f"ebrflow.{sub}")

@@ -33,6 +33,7 @@ def stream(poison: bool) -> tuple[EventArrays, EventArrays]:
 
 def served_recall(trainer, probe: EventArrays, k: int = 20) -> float:  # noqa: ANN001
     """Recall@k on the probe events of the embeddings Milvus serves now (known users and items only)."""
+
     def table(collection: str) -> dict[int, np.ndarray]:
         rows = trainer.store.client.query(collection, filter="id >= 0", output_fields=["embedding"], limit=16384)
         return {int(r["id"]): np.asarray(r["embedding"], np.float32) for r in rows}

@@ -82,10 +82,13 @@ def _final_models(cfg: Path, data: Path) -> list:
 def _check_milvus_equals(model, uri: str) -> None:  # noqa: ANN001
     client = MilvusClient(uri=uri)
     try:
-        for role, ids, embed in (("items", model.known_items(), model.item_embeddings),
-                                 ("users", model.known_users(), model.user_embeddings)):
-            rows = client.query(f"ebrflow_{role}", filter="id >= 0", output_fields=["id", "embedding", "version"],
-                                limit=16384)
+        for role, ids, embed in (
+            ("items", model.known_items(), model.item_embeddings),
+            ("users", model.known_users(), model.user_embeddings),
+        ):
+            rows = client.query(
+                f"ebrflow_{role}", filter="id >= 0", output_fields=["id", "embedding", "version"], limit=16384
+            )
             assert len(rows) == len(ids), role
             got = {int(r["id"]): np.asarray(r["embedding"], np.float32) for r in rows}
             want = embed(ids)

@@ -32,8 +32,9 @@ def test_dashboard_queries_return_series_from_a_live_trainer(settings: Settings)
     now_ms = lambda: int(time.time() * 1000)  # noqa: E731
     stop = threading.Event()
     events = takewhile(lambda _: not stop.is_set(), events_from_arrays(stream.chunks(200_000), restamp=now_ms))
-    sender = threading.Thread(target=produce, args=(producer, settings.kafka.topic, events, Pacer(rate=800)),
-                              daemon=True)
+    sender = threading.Thread(
+        target=produce, args=(producer, settings.kafka.topic, events, Pacer(rate=800)), daemon=True
+    )
     sender.start()
     runner = threading.Thread(target=trainer.run, daemon=True)
     runner.start()

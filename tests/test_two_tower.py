@@ -62,6 +62,23 @@ def test_popularity_prior_lifts_recently_popular_items() -> None:
     assert model.user_embeddings(np.array([3]))[0, -1] == 1.0
 
 
+def test_lifetime_share_backs_off_items_absent_from_recent_events() -> None:
+    """``lifetime`` mixes each item's lifetime share into its recent one: an item popular long ago but absent
+    lately keeps ``log(lifetime × its lifetime share)`` instead of the floor; 0 is the recent share alone."""
+    models = {
+        w: PopularityPrior(TwoTowerModel(dim=4, device="cpu"), half_life=10, scale=1.0, lifetime=w) for w in (0.0, 0.2)
+    }
+    for model in models.values():
+        model.fit_batch(Batch.of(np.arange(100), np.zeros(100, int)))  # item 0: every early event
+        for _ in range(30):  # then 30 × 100 events of item 1 (item 0's recent count decays to nothing)
+            model.fit_batch(Batch.of(np.arange(100), np.ones(100, int)))
+    old = {w: float(m.item_embeddings(np.array([0]))[0, -1]) for w, m in models.items()}
+    np.testing.assert_allclose(old[0.0], np.log(1e-9), rtol=1e-4)
+    np.testing.assert_allclose(old[0.2], np.log(0.2 * 100 / 3100), rtol=1e-3)
+    new = float(models[0.2].item_embeddings(np.array([1]))[0, -1])
+    np.testing.assert_allclose(new, np.log(0.8 * 1.0 + 0.2 * 3000 / 3100), rtol=1e-3)
+
+
 def test_non_finite_loss_skips_the_step_and_keeps_weights() -> None:
     model = TwoTowerModel(dim=8, device="cpu")
     model.fit_batch(Batch.of([1, 2], [3, 4]))

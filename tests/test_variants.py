@@ -44,7 +44,7 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
         versions = {name: v.model.version for name, v in variants.items()}
     finally:
         trainer.close()
-    print(f"variants: scored {scored}, Recall@K {({v: round(hits[v] / scored[v], 3) for v in scored})}")
+    print(f"variants: scored {scored}, Recall@K { ({v: round(hits[v] / scored[v], 3) for v in scored}) }")
 
     again = build_trainer(settings, settings.kafka.bootstrap_servers)  # the checkpoint carries every variant
     try:
