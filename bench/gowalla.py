@@ -52,6 +52,12 @@ MODELS = {
     # diagnostics: the training-free part alone (one pass builds the graph, then the spectral fit)
     "default-no-steps": ("variant", {"steps_per_batch": 0}, 1),
     "default-stream-refits": ("variant", {}, 1000),
+    # the degree-scaled keys chosen on the streams' first 20% (not shipped: they lost on the whole streams)
+    "degree-keys-no-steps": (
+        "variant",
+        {"steps_per_batch": 0, "popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}},
+        1,
+    ),
     # a catalogue config (not the default: its rank-256 refits cost ~20× the default's on a stream): GF-CF's
     # low-pass filter r_u D^-½ V S^½ Vᵀ D^½ from the symmetric-normalised matrix, no popularity prior, training-free
     "lowpass-256-no-steps": (

@@ -111,6 +111,10 @@ def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
     if SSMTL_DEFAULT_STEPS != 0:
         out.append(_ebrflow("ebrflow SSMTL, no gradient steps", "ssmtl", {**graph, "steps_per_batch": 0}, "variant"))
     out.append(_ebrflow("ebrflow SSMTL, no popularity prior", "ssmtl", {**graph, "popularity_half_life": 0}, "variant"))
+    # chosen on the first 20% of both streams and the synthetic one for robustness (and 1.7x on Gowalla's
+    # validation split), then lost on the whole streams: not shipped, reported
+    degree = {"popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}}
+    out.append(_ebrflow("ebrflow SSMTL, degree-scaled keys", "ssmtl", {**graph, **degree}, "variant"))
     if dataset == "collegemsg":
         out.append(_ebrflow("ebrflow SSMTL, bipartite graph", "ssmtl", {}, "variant"))
     out.append(_ebrflow("ebrflow TwoTower + popularity prior (old default)", "two_tower", {}, "variant"))
@@ -349,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "defaults (the shipped config: SSMTL with the served popularity prior) plus the change the row names; "
         "on CollegeMsg every SSMTL row except 'bipartite graph' sets the documented switch model.graph = "
         "user_user. The SSMTL defaults were chosen on the first 20% of MovieLens and CollegeMsg only.",
+        "'degree-scaled keys' (spectral_a 1/8, served keys × item degree^1/4, popularity prior with a 10% lifetime "
+        "share) was the most robust config on the first 20% of MovieLens, CollegeMsg and the synthetic stream "
+        "(0.0466 / 0.193 / 0.310 vs the default's 0.0488 / 0.186 / 0.296) and lifts Gowalla's validation split "
+        "from 0.06 to 0.11 training-free; it was shipped for one run, lost on the whole streams and was reverted. "
+        "That reversion looked at the reported streams: the row stays so the choice can be checked.",
         "Peers: item-kNN = cosine over the binary user×item matrix, score = sum of similarities to the user's "
         "items (+1e-6 × degree tie-break), updated per batch; common neighbours / Adamic–Adar on the undirected "
         "graph + 100 if the candidate contacted the user before; implicit 0.7 ALS/BPR (64 factors, 1 thread) refit "

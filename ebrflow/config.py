@@ -198,7 +198,7 @@ class ModelConfig(Section):
     seed: int = 0
     popularity_half_life: float = Field(1000.0, ge=0)  # events; 0 turns the served recent-popularity prior off
     popularity_scale: float | None = Field(None, ge=0)  # weight of log recent popularity (None: = temperature)
-    popularity_lifetime: float = Field(0.1, ge=0, le=1)  # share of lifetime popularity mixed into the recent share
+    popularity_lifetime: float = Field(0.0, ge=0, le=1)  # share of lifetime popularity mixed into the recent share
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
     # shadow A/B: name → overrides of the keys above (e.g. {kind = "two_tower"}); each variant trains on the same
     # stream in this trainer and is served from its own collections <prefix>_v_<name>_items/_users
