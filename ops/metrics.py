@@ -191,7 +191,8 @@ class PipelineMetrics:
         )
         self.partitions_total = Gauge("ebrflow_partitions_total", "Partitions of the topic.", registry=r)
         self.consumption_paused = Gauge(
-            "ebrflow_consumption_paused", "1 while consumption is paused (backpressure or waiting for the topic).",
+            "ebrflow_consumption_paused",
+            "1 while consumption is paused (backpressure or waiting for the topic).",
             registry=r,
         )
         self.guard_holding = Gauge(
@@ -207,7 +208,7 @@ class PipelineMetrics:
         )
         self.variant_hits = Counter(
             "ebrflow_variant_prequential_hits",
-            "Prequential hits per model variant (\"served\" and each shadow variant of model.variants).",
+            'Prequential hits per model variant ("served" and each shadow variant of model.variants).',
             ["variant"],
             registry=r,
         )

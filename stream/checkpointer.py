@@ -181,7 +181,6 @@ class Checkpointer:
             log.error("no usable checkpoint in %s: starting from an empty model", self.store.directory)
         return None
 
-
     def _restore_variants(self, saved: dict) -> None:
         """Load each configured variant saved in the checkpoint; one that does not load (its configuration
         changed) starts fresh, logged, without costing the served model its checkpoint."""
