@@ -58,18 +58,21 @@ MODELS = {
         {"steps_per_batch": 0, "popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}},
         1,
     ),
-    # a catalogue config (not the default: its rank-256 refits cost ~20× the default's on a stream): GF-CF's
-    # low-pass filter r_u D^-½ V S^½ Vᵀ D^½ from the symmetric-normalised matrix, no popularity prior, training-free
-    "lowpass-256-no-steps": (
-        "variant",
-        {
-            "dim": 256,
-            "steps_per_batch": 0,
-            "popularity_half_life": 0,
-            "options": {"spectral_a": 0.5, "key_degree": 0.5, "spectral_power": 0.5},
-        },
-        1,
-    ),
+    # a catalogue config (not the default: rank-256 refits cost ~20× the default's on a stream): GF-CF's low-pass
+    # filter r_u D^-½ V S^½ Vᵀ D^½ from the symmetric-normalised matrix, no popularity prior, training-free
+    **{
+        f"lowpass-{dim}-no-steps": (
+            "variant",
+            {
+                "dim": dim,
+                "steps_per_batch": 0,
+                "popularity_half_life": 0,
+                "options": {"spectral_a": 0.5, "key_degree": 0.5, "spectral_power": 0.5},
+            },
+            1,
+        )
+        for dim in (256, 512)
+    },
 }
 PEERS = ("als", "bpr")
 # the small grids tuned on the validation split (implicit 0.7's own defaults are the first entry of each)

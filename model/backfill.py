@@ -49,8 +49,8 @@ def backfill(
 
     ``max_seconds`` stops after the batch that crosses the time budget; ``total_batches`` (per epoch)
     only sizes the progress bar. A model with a spectral layer (SSMTL) refits it, with ``spectral_refits="epoch"``,
-    only when the graph doubled during the first epoch and once at each epoch's end (or at the stop) if the
-    graph changed: the streaming
+    only when the graph doubled during the first epoch (not at all without gradient steps) and once at each epoch's
+    end (or at the stop) if the graph changed: the streaming
     schedule (every 1% of growth) costs hundreds of refits in the first pass over a large file, and one every 1%
     of its events in every later pass although the graph no longer changes (on Gowalla, 810k edges, ~13 s each).
     ``"stream"`` keeps the streaming schedule. The model's own schedule is restored afterwards.
@@ -104,8 +104,9 @@ def _epochs(
         task = bar.add_task("backfill", total=total_batches, epoch=0, loss=float("nan"))
         for epoch in range(epochs):
             summary.epochs = epoch + 1
-            if spectral is not None:
-                spectral.refit_schedule = "double" if epoch == 0 else "off"
+            if spectral is not None:  # no gradient steps: nothing uses a fit before the epoch's end
+                trains = getattr(spectral, "steps_per_batch", 1) > 0
+                spectral.refit_schedule = "double" if epoch == 0 and trains else "off"
             bar.reset(task, total=total_batches, epoch=epoch + 1)
             losses = []
             for batch in batches():

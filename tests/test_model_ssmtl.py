@@ -209,6 +209,9 @@ def test_backfill_refits_the_spectral_layer_per_epoch_not_per_growth_step():
     assert summary.spectral_refits <= 1 and refits >= 2  # at most once, when its events reach the fitted edges
     m.fit_batch(Batch.of(np.arange(40), np.full(40, 99_999)))  # 40 new edges ≥ max(32, 1%): the stream schedule
     assert m._fitted_edges == m.graph.history_matrix().nnz
+    frozen = small(spectral_every=32, spectral_growth=0.01, steps_per_batch=0)  # training-free: one fit at the end
+    summary = backfill(frozen, lambda: iter(batches), epochs=1, progress=False)
+    assert summary.spectral_refits == 2 and frozen._fitted_edges == frozen.graph.history_matrix().nnz  # 1st batch, end
 
 
 @pytest.mark.parametrize(
