@@ -71,7 +71,7 @@ MODELS = {
             },
             1,
         )
-        for dim in (256, 512)
+        for dim in (256, 512, 1024)
     },
 }
 PEERS = ("als", "bpr")
