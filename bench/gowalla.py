@@ -58,7 +58,7 @@ MODELS = {
         {"steps_per_batch": 0, "popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}},
         1,
     ),
-    # a catalogue config (not the default: rank-256 refits cost ~20× the default's on a stream): GF-CF's low-pass
+    # a catalogue config (not the default: a rank-256 fit costs ~10× a rank-64 one): GF-CF's low-pass
     # filter r_u D^-½ V S^½ Vᵀ D^½ from the symmetric-normalised matrix, no popularity prior, training-free
     **{
         f"lowpass-{dim}-no-steps": (

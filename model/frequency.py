@@ -29,7 +29,8 @@ class ItemFrequency:
             grown = np.zeros(max(int(rows.max()) + 1, 2 * len(self._counts)), dtype=np.float64)
             grown[: len(self._counts)] = self._counts
             self._counts = grown
-        self._counts *= self.decay
+        if self.decay != 1.0:  # lifetime counts (decay 1) skip the O(rows seen) pass
+            self._counts *= self.decay
         self._total = self._total * self.decay + len(rows)
         np.add.at(self._counts, rows, 1.0)
 

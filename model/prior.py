@@ -62,10 +62,10 @@ class PopularityPrior:
         share backs such items off to how popular they have been (in a file replayed in random order, recency is
         noise and the lifetime share is the signal).
         """
-        recent = np.exp(self._frequency.log_q(rows))
         if self.lifetime <= 0:
-            return np.log(np.maximum(recent, 1e-9))
-        mixed = (1.0 - self.lifetime) * recent + self.lifetime * np.exp(self._lifetime.log_q(rows))
+            return self._frequency.log_q(rows)
+        recent, lifetime = np.exp(self._frequency.log_q(rows)), np.exp(self._lifetime.log_q(rows))
+        mixed = (1.0 - self.lifetime) * recent + self.lifetime * lifetime
         return np.log(np.maximum(mixed, 1e-9))
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
