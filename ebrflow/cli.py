@@ -90,9 +90,9 @@ app.add_typer(config_app, name="config")
 
 def _preflight_trainer(settings: Settings) -> None:
     """Everything a trainer needs, checked before it starts a broker, creates a topic or opens Milvus."""
-    from ebrflow.preflight import check_kafka, check_metrics_port, check_milvus, check_model
+    from ebrflow.preflight import check_kafka, check_metrics_port, check_milvus, check_settings
 
-    check_model(settings.model)
+    check_settings(settings)
     check_metrics_port(settings.metrics)
     k = settings.kafka
     if k.bootstrap_servers:
@@ -446,17 +446,15 @@ def config_show(
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None) -> None:
-    """Check the settings without side effects (types, keys, environment names, model device and options, the
-    OAUTHBEARER token provider).
+    """Check the settings without side effects (types, keys, environment names, topic and collection names, model
+    device and options, the OAUTHBEARER token provider, that the data directories can be directories).
 
     Exits 0 when valid, 78 with one ``error:`` line otherwise. Reachability of Kafka and Milvus is checked by
     the commands that use them.
     """
-    from ebrflow.preflight import check_model
+    from ebrflow.preflight import check_settings
 
-    settings = load_settings(config)
-    check_model(settings.model)
-    settings.kafka.client_kwargs()
+    check_settings(load_settings(config))
     typer.echo(f"config ok ({config if config else 'defaults'} + environment)")
 
 

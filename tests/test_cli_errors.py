@@ -81,8 +81,8 @@ def test_missing_config_file_from_ebrflow_config(tmp_path: Path) -> None:
         ("", {"EBRFLOW_RUN__LOG_LEVEL": "verbose"}, ("run.log_level", "EBRFLOW_RUN__LOG_LEVEL", "INFO")),
         ('[run]\nlog_level = "LOUD"\n', {}, ("run.log_level", "DEBUG")),
         ("[kafka]\ntopik = 1\n", {}, ("kafka.topik",)),
-        ("[modle]\ndim = 3\n", {}, ("modle",)),
-        ("", {"EBRFLOW_MODLE__DIM": "3"}, ("EBRFLOW_MODLE__DIM", "unknown section 'modle'")),
+        ("[modle]\ndim = 3\n", {}, ("modle: unknown section (did you mean 'model'?)",)),
+        ("", {"EBRFLOW_MODLE__DIM": "3"}, ("EBRFLOW_MODLE__DIM", "unknown section 'modle' (did you mean 'model'?)")),
         ("", {"EBRFLOW_MODEL__DIM": "three"}, ("model.dim", "EBRFLOW_MODEL__DIM")),
         ("[model]\noptions = {foo = 1}\n", {}, ("model.options.foo", "SSMTLModel")),
         ('[model]\nkind = "two_tower"\noptions = {fanout = 1}\n', {}, ("model.options.fanout", "TwoTowerModel")),
@@ -108,6 +108,36 @@ def test_bad_settings_are_one_line_and_78(tmp_path: Path, toml: str, env: dict[s
     for command in (["config", "validate", "-c", str(cfg)], ["run", "-c", str(cfg)]):
         one_error(ebrflow(*command, env=env, cwd=tmp_path), 78, *fragments)
     assert not (tmp_path / "ebrflow_data").exists()  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("command", "toml", "env", "fragments"),
+    [
+        ("run", "", {"EBRFLOW_MODEL__LR": "inf"}, ("model.lr", "finite number", "EBRFLOW_MODEL__LR")),
+        ("demo", "[model]\nlr = 0.0\n", {}, ("model.lr", "greater than 0")),
+        ("run", "", {"EBRFLOW_KAFKA__TOPIC": ""}, ("kafka.topic", "not a legal Kafka topic name", "1-249")),
+        ("demo", "", {"EBRFLOW_KAFKA__TOPIC": "a b/c"}, ("kafka.topic", "not a legal Kafka topic name")),
+        ("backfill", "[run]\ncheckpoint_every_s = inf\n", {}, ("run.checkpoint_every_s", "finite number")),
+        ("run", "", {"EBRFLOW_MODEL__DIM": "1000000000"}, ("model.dim", "at most 32768", "Milvus")),
+        ("backfill", "", {"EBRFLOW_MILVUS__COLLECTION_PREFIX": "a-b c"}, ("milvus.collection_prefix", "letters")),
+        ("run", "", {"EBRFLOW_RUN__DATA_DIR": "a-file"}, ("run.data_dir", "a-file is a file, not a directory")),
+        ("demo", '[run]\ndata_dir = "a-file/sub"\n', {}, ("run.data_dir", "a-file is a file, not a directory")),
+        ("backfill", "", {"EBRFLOW_RUN__DATA_DIR": "a-file"}, ("run.data_dir", "is a file, not a directory")),
+    ],
+)
+def test_permanent_problems_are_78_before_anything_is_created(
+    tmp_path: Path, command: str, toml: str, env: dict[str, str], fragments: tuple
+) -> None:
+    """What could never work is refused up front, by ``config validate`` and by the command's own preflight, before
+    a broker starts, a topic or Milvus collection is created, or a data dir is made: no crash loop later."""
+    write(tmp_path / "a-file", "")
+    data = write(tmp_path / "u.data", "1\t2\t5\t881250949\n")
+    cfg = write(tmp_path / "c.toml", toml)
+    args = {"run": ["run"], "demo": ["demo"], "backfill": ["backfill", str(data)]}[command]
+    env = {"EBRFLOW_METRICS__PORT": "0", **env}
+    for argv in (["config", "validate"], args):
+        one_error(ebrflow(*argv, "-c", str(cfg), env=env, cwd=tmp_path), 78, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml", "u.data"]  # nothing was created
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
