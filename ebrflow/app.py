@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
@@ -159,6 +162,45 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
     }
 
 
+LOCK_NAME = "ebrflow.lock"  # in run.data_dir: held (flock) by the one process that owns the directory
+
+
+class DataDirBusy(RuntimeError):
+    """Another ebrflow process owns the data directory (its checkpoints, history and audit log)."""
+
+    exit_code = 75  # EX_TEMPFAIL: retry once the other process is gone
+
+
+@contextlib.contextmanager
+def own_data_dir(path: Path | str, empty: bool = False) -> Iterator[Path]:
+    """Hold ``path`` (created if missing) for the block: an exclusive ``flock`` on ``<path>/ebrflow.lock``, so a
+    second trainer of the same data dir, whatever its topic or group, is refused with ``DataDirBusy`` before it
+    creates anything. The kernel releases the lock when the process dies, so a crash never leaves it stale.
+    ``empty``: remove everything else in the directory once it is held (the demo starts from nothing)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirBusy(
+            f"run.data_dir {directory} is owned by another ebrflow process (pid {holder}): one trainer per data dir "
+            "(its checkpoints, history and audit log); stop that one, or give this one its own run.data_dir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        if empty:
+            for child in directory.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        yield directory
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def kafka_endpoint(settings: Settings) -> Iterator[str]:
     """The configured bootstrap servers, or an embedded Tansu broker for the duration of the block."""
@@ -293,6 +335,7 @@ def build_trainer(
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
             fingerprint=model_fingerprint(settings.model),
+            stream={"topic": k.topic, "group": k.group_id},
             variants={
                 v.name: (v.model, v.publisher.seen, model_fingerprint(settings.model.variant(v.name))) for v in variants
             },

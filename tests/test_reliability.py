@@ -228,31 +228,88 @@ def test_second_trainer_in_the_group_is_refused(settings: Settings, tmp_path: Pa
     assert trained_count(incumbent) == 3000
 
 
-def test_checkpoint_of_another_model_is_one_clear_error(settings: Settings, tmp_path: Path) -> None:
+def test_checkpoint_of_another_model_topic_or_group_is_one_clear_error(settings: Settings, tmp_path: Path) -> None:
+    """A checkpoint resumes only the trainer that wrote it: same model configuration, same topic, same group."""
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
     try:
         send_events(settings, 0, 500)
         trainer.run(max_events=500, idle_exit_s=30)
     finally:
         trainer.close()
-    cfg = write_config(
-        tmp_path / "bigger.toml",
-        settings.kafka.bootstrap_servers,
-        settings.kafka.topic,
-        settings.kafka.group_id,
-        Path(settings.run.data_dir),
-        model={"dim": 32, "device": "cpu"},
-        milvus={"uri": str(tmp_path / "fresh-milvus.db")},
+    k = settings.kafka
+    others = {
+        "dim: 16 → 32": (k.topic, k.group_id, {"dim": 32, "device": "cpu"}),
+        f"topic {k.topic!r}, group {k.group_id!r}, not to this one (topic 'elsewhere'": ("elsewhere", k.group_id, {}),
+        f"not to this one (topic {k.topic!r}, group 'other-group')": (k.topic, "other-group", {}),
+    }
+    for n, (fragment, (topic, group, model)) in enumerate(others.items()):
+        cfg = write_config(
+            tmp_path / f"other{n}.toml",
+            k.bootstrap_servers,
+            topic,
+            group,
+            Path(settings.run.data_dir),
+            model={"device": "cpu", **model},
+            milvus={"uri": str(tmp_path / f"fresh-milvus{n}.db")},
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg), "--idle-exit", "5"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert out.returncode == 78, out.stderr[-2000:]
+        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_one_trainer_per_data_dir_whatever_its_topic_or_group(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A second trainer (or backfill) of a data dir another process owns is refused, exit 75, before it creates a
+    topic: two trainers of one directory would restore and prune each other's checkpoints."""
+    from kafka.admin import KafkaAdminClient
+
+    data, bootstrap = tmp_path / "data", broker.bootstrap_servers
+    owner = start_trainer(
+        write_config(tmp_path / "owner.toml", bootstrap, "owner.events", "owner", data), 300, log=tmp_path / "owner.log"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "ebrflow.cli", "run", "-c", str(cfg), "--idle-exit", "5"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 78, out.stderr[-2000:]
-    assert len(lines) == 1 and "dim: 16 → 32" in lines[0] and "Traceback" not in out.stderr
+    try:
+        lock = data / "ebrflow.lock"
+        assert wait_for(lambda: lock.exists() and lock.read_text().strip() == str(owner.pid), 120), owner.poll()
+        attempts = {
+            "other topic": [
+                "run",
+                "-c",
+                str(write_config(tmp_path / "t.toml", bootstrap, "intruder.t", "owner", data)),
+            ],
+            "other group": [
+                "run",
+                "-c",
+                str(write_config(tmp_path / "g.toml", bootstrap, "intruder.g", "intruder", data)),
+            ],
+            "backfill": ["backfill", str(_movielens_file(tmp_path)), "-c", str(tmp_path / "t.toml")],
+        }
+        for what, argv in attempts.items():
+            out = subprocess.run(
+                [sys.executable, "-m", "ebrflow.cli", *argv], capture_output=True, text=True, timeout=120
+            )
+            lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+            assert out.returncode == 75, f"{what}: {out.stderr[-2000:]}"
+            assert len(lines) == 1 and f"owned by another ebrflow process (pid {owner.pid})" in lines[0], lines
+        assert owner.poll() is None  # the owner is unaffected
+    finally:
+        owner.kill()
+        owner.wait()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        assert not {"intruder.t", "intruder.g"} & set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def _movielens_file(tmp_path: Path) -> Path:
+    path = tmp_path / "u.data"
+    path.write_text("".join(f"{u}\t{u % 7}\t5\t{881250949 + u}\n" for u in range(50)))
+    return path
 
 
 def _depth_bomb(levels: int) -> bytes:
