@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 from threadpoolctl import threadpool_limits
 
-from ebrflow.config import ModelConfig, Settings
-from ebrflow.indexer.generations import Generations
+from ebrflow.config import ConfigError, ModelConfig, Settings
+from ebrflow.indexer.generations import ROLES, Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.backfill import BackfillSummary
@@ -201,6 +201,24 @@ def own_data_dir(path: Path | str, empty: bool = False) -> Iterator[Path]:
         os.close(fd)
 
 
+def check_served_dim(store: MilvusStore, settings: Settings, new_generation: bool) -> None:
+    """Without checkpoints a trainer writes the served generation (``Pipeline._choose_generation``): refuse one
+    whose collections have another dimension than ``model.dim`` before anything starts (``ConfigError``, 78)."""
+    if settings.run.checkpoints or new_generation:
+        return
+    generations = Generations(store.client, settings.milvus.collection_prefix)
+    served = generations.served()
+    for role in ROLES if served is not None else ():
+        name = generations.physical(role, served)
+        dim = store.dim_of(name)
+        if dim is not None and dim != settings.model.dim:
+            raise ConfigError(
+                f"the served collection {name} has dim {dim}, model.dim is {settings.model.dim}; with "
+                f"run.checkpoints = false the trainer writes the served collections: set model.dim = {dim}, or pass "
+                f"--new-generation to build collections of dim {settings.model.dim} behind the served ones"
+            )
+
+
 @contextlib.contextmanager
 def kafka_endpoint(settings: Settings) -> Iterator[str]:
     """The configured bootstrap servers, or an embedded Tansu broker for the duration of the block."""
@@ -293,12 +311,17 @@ def build_trainer(
     """
     k = settings.kafka
     client_kwargs = k.client_kwargs()
+    store = open_store(settings)
+    try:
+        check_served_dim(store, settings, new_generation)
+    except ConfigError:
+        store.client.close()
+        raise
     if k.create_topics:
         ensure_topics(
             bootstrap_servers, {k.topic: k.partitions, k.dead_letter_topic(): 1}, client_kwargs, k.replication_factor
         )
     model = model or build_model(settings.model)
-    store = open_store(settings)
     publisher = Publisher(store)
     metrics = metrics or PipelineMetrics()
     port = None

@@ -250,27 +250,101 @@ def test_query_on_a_missing_lite_db_is_69_and_creates_nothing(tmp_path: Path) ->
 # --- unknown user: 3 ------------------------------------------------------------------------------------------
 
 
-def test_unknown_user_exits_3(tmp_path: Path) -> None:
-    db = tmp_path / "served.db"
+def serve_generation(db: Path, dim: int) -> None:
+    """Serve generation 1 (50 items, 5 users of ``dim``) from a Milvus Lite directory, in another process (Lite
+    allows one process per directory, and it is closed again when this returns)."""
     fill = f"""
 import numpy as np
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 client = connect({str(db)!r})
-store = MilvusStore(client, 8)
+store = MilvusStore(client, {dim})
 store.use_generation(1)
 rng = np.random.default_rng(0)
-store.upsert(store.items, np.arange(50), rng.standard_normal((50, 8)), 1)
-store.upsert(store.users, np.arange(5), rng.standard_normal((5, 8)), 1, seen=[np.zeros(0)] * 5)
+store.upsert(store.items, np.arange(50), rng.standard_normal((50, {dim})), 1)
+store.upsert(store.users, np.arange(5), rng.standard_normal((5, {dim})), 1, seen=[np.zeros(0)] * 5)
 client.flush(store.items)
 client.flush(store.users)
 Generations(client, "ebrflow").switch(1)
 """
-    subprocess.run([sys.executable, "-c", fill], check=True, cwd=ROOT, timeout=120)  # Lite: one process per db
+    subprocess.run([sys.executable, "-c", fill], check=True, cwd=ROOT, timeout=120)
+
+
+def test_unknown_user_exits_3(tmp_path: Path) -> None:
+    db = tmp_path / "served.db"
+    serve_generation(db, 8)
     env = {"EBRFLOW_MILVUS__URI": str(db), "EBRFLOW_MODEL__DIM": "8", "EBRFLOW_MODEL__POPULARITY_HALF_LIFE": "0"}
     known = ebrflow("query", "--user", "2", "-k", "3", env=env)
     assert known.returncode == 0 and len(known.stdout.strip().splitlines()) == 3, known.stderr[-2000:]
     one_error(ebrflow("query", "--user", "777", env=env), 3, "user 777", "no published embedding")
+
+
+# --- another process holds it: 75; what is not there: 69 -----------------------------------------------------
+
+
+def test_a_milvus_lite_dir_another_process_holds_is_75_in_one_line(tmp_path: Path) -> None:
+    """milvus_lite logs its own traceback when it cannot take its directory's lock; the operator sees one line."""
+    db = tmp_path / "held.db"
+    hold = "import sys; from ebrflow.indexer.milvus_store import connect; c = connect(sys.argv[1]); print('held', "
+    hold += "flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        trainer_env = {"EBRFLOW_MILVUS__URI": str(db), "EBRFLOW_METRICS__PORT": "0", "EBRFLOW_MODEL__DEVICE": "cpu"}
+        for out in (
+            ebrflow("query", "--user", "1", env={"EBRFLOW_MILVUS__URI": str(db)}, cwd=tmp_path),
+            ebrflow("run", "--idle-exit", "5", env=trainer_env, cwd=tmp_path),
+        ):
+            one_error(out, 75, str(db), "another process holds the lock", "milvus-lite server --data-dir")
+            assert "milvus_lite.server_manager" not in out.stderr, out.stderr[-2000:]  # nor its log lines
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_client_without_milvus_lite_names_the_extra_to_install(tmp_path: Path) -> None:
+    """``pip install 'ebrflow[client]'`` has no milvus-lite: a local path says what to install, not "stop the
+    trainer" (simulated here by hiding the installed milvus_lite package from the interpreter)."""
+    (tmp_path / "m.db").mkdir()
+    hidden = "import sys; sys.modules['milvus_lite'] = None; from ebrflow.cli import main; main(sys.argv[1:])"
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("EBRFLOW_")}
+    out = subprocess.run(
+        [sys.executable, "-c", hidden, "query", "--user", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**base, "EBRFLOW_MILVUS__URI": str(tmp_path / "m.db")},
+    )
+    one_error(out, 69, "milvus-lite is not installed", "pip install 'ebrflow[client,lite]'")
+
+
+def test_a_dim_mismatch_without_checkpoints_is_78_naming_both_dims(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """With ``run.checkpoints = false`` the trainer writes the served collections: collections of dim 16 and
+    ``model.dim = 32`` can never publish, so the start is refused (it used to retry the publish forever) before a
+    topic is created."""
+    from kafka.admin import KafkaAdminClient
+
+    db = tmp_path / "served.db"
+    serve_generation(db, 16)
+    env = {
+        "EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "EBRFLOW_KAFKA__TOPIC": "dim.mismatch",
+        "EBRFLOW_MILVUS__URI": str(db),
+        "EBRFLOW_MODEL__DIM": "32",
+        "EBRFLOW_MODEL__DEVICE": "cpu",
+        "EBRFLOW_RUN__CHECKPOINTS": "false",
+        "EBRFLOW_METRICS__PORT": "0",
+    }
+    out = ebrflow("run", "--idle-exit", "5", env=env, cwd=tmp_path)
+    one_error(out, 78, "ebrflow_items_g1 has dim 16", "model.dim is 32", "--new-generation")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        assert "dim.mismatch" not in admin.list_topics()
+    finally:
+        admin.close()
 
 
 # --- bad input files: 65, naming the file and line -------------------------------------------------------------
