@@ -226,14 +226,3 @@ class MilvusStore:
         """Number of distinct ids in a collection."""
         res = self.client.query(collection, filter="id >= 0", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
-
-    def search(self, collection: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """Top-``k`` (id, score) by inner product (benchmarks; clients use ``indexer.query.QueryClient``)."""
-        res = self.client.search(
-            collection,
-            data=[np.asarray(vector, np.float32).tolist()],
-            limit=k,
-            anns_field="embedding",
-            search_params={"metric_type": "IP"},
-        )
-        return [(int(hit["id"]), float(hit["distance"])) for hit in res[0]]
