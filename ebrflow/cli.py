@@ -212,7 +212,8 @@ def _demo(settings: Settings, data_dir: Path, n: int) -> None:
     )
     users = trainer.model.known_users()
     if len(users):  # the demo has its own Milvus Lite file: name it, so the next command a user tries works
-        _say(f"try: EBRFLOW_MILVUS__URI={settings.milvus.uri} ebrflow query --user {int(users[-1])} -k 10")
+        uri = shlex.quote(settings.milvus.uri)
+        _say(f"try: EBRFLOW_MILVUS__URI={uri} {_ebrflow_command()} query --user {int(users[-1])} -k 10")
     if summary.trained == 0:
         raise typer.Exit(1)
 
@@ -263,7 +264,7 @@ def run(
         if not settings.kafka.bootstrap_servers:  # say where the embedded broker listens, so a replay can feed it
             _say(
                 f"embedded Kafka broker at {servers}; send it events with: EBRFLOW_KAFKA__BOOTSTRAP_SERVERS={servers} "
-                f"{_ebrflow_command()} replay --synthetic 10000 (or a dataset: PATH --format FORMAT for --synthetic N)"
+                f"{_ebrflow_command()} replay --synthetic 10000"
             )
         try:
             summary = trainer.run(max_events=max_events, idle_exit_s=idle_exit)
@@ -293,7 +294,11 @@ def replay(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Produce events to the configured topic in time order, keyed by user id (needs kafka.bootstrap_servers)."""
+    """Produce events to the configured topic in time order, keyed by user id (needs kafka.bootstrap_servers).
+
+    The file is read and checked first, offline (a bad line: exit 65 before Kafka is contacted); ``--limit 0``
+    stops there.
+    """
     from itertools import islice
 
     from ebrflow.preflight import check_kafka
@@ -307,9 +312,6 @@ def replay(
         raise typer.BadParameter("give a dataset PATH or --synthetic N")
     settings = _settings(config)
     k = settings.kafka
-    if not k.bootstrap_servers:
-        raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
-    check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=() if k.create_topics else (k.topic,))
     if synthetic:
         d = settings.demo
         stream = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
@@ -318,8 +320,14 @@ def replay(
         loaded = read_events(path, fmt.value)
         events = loaded if isinstance(loaded, list) else events_from_arrays([loaded], event_type=fmt.value)
         total = len(loaded)
+    if limit == 0:
+        console.print(f"{total:,} events read and checked; --limit 0: none sent, Kafka not contacted")
+        return
     if limit is not None:
         events, total = islice(events, limit), min(total, limit)
+    if not k.bootstrap_servers:
+        raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
+    check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=() if k.create_topics else (k.topic,))
     if k.create_topics:
         ensure_topics(k.bootstrap_servers, {k.topic: k.partitions}, k.client_kwargs(), k.replication_factor)
     producer = make_producer(k.bootstrap_servers, k.client_kwargs())

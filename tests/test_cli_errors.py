@@ -362,18 +362,19 @@ def test_a_dim_mismatch_without_checkpoints_is_78_naming_both_dims(broker: Embed
         ("edges.txt", "snap", "# comment\n1 2 100\n3 4\n", (":3:", "at least 3 columns")),
     ],
 )  # fmt: skip
-def test_bad_replay_file_names_file_and_line(
-    broker: EmbeddedBroker, tmp_path: Path, name: str, fmt: str, text: str, fragments: tuple
-) -> None:
+def test_bad_replay_file_names_file_and_line(tmp_path: Path, name: str, fmt: str, text: str, fragments: tuple) -> None:
+    """The file is checked offline, before Kafka is contacted: the broker here does not exist."""
     path = write(tmp_path / name, text)
-    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "EBRFLOW_KAFKA__TOPIC": f"bad.{fmt}"}
+    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "EBRFLOW_KAFKA__TOPIC": f"bad.{fmt}"}
     one_error(ebrflow("replay", str(path), "--format", fmt, env=env), 65, str(path), *fragments)
 
 
-def test_replay_limit_0_sends_nothing(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "EBRFLOW_KAFKA__TOPIC": "limit0"}
-    out = ebrflow("replay", "--synthetic", "50", "--limit", "0", env=env, cwd=tmp_path)
-    assert out.returncode == 0 and "sent 0 events" in out.stderr, out.stderr[-2000:]
+def test_replay_limit_0_checks_offline_and_sends_nothing(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t5\t881250949\n1\t3\t4\t881250950\n")
+    out = ebrflow("replay", str(path), "--limit", "0", cwd=tmp_path)  # no broker configured at all
+    assert out.returncode == 0 and "2 events read and checked" in out.stderr, out.stderr[-2000:]
+    assert "Kafka not contacted" in out.stderr
+    env = {"EBRFLOW_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "EBRFLOW_KAFKA__TOPIC": "limit7"}
     out = ebrflow("replay", "--synthetic", "50", "--limit", "7", env=env, cwd=tmp_path)
     assert out.returncode == 0 and "sent 7 events" in out.stderr, out.stderr[-2000:]
 
