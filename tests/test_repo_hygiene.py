@@ -46,6 +46,14 @@ def test_the_pattern_catches_what_it_should() -> None:
     assert not MACHINE_PATH.search("/opt/kafka/bin/kafka.sh") and not MACHINE_PATH.search("https://x.org/home/a")
 
 
+def test_build_and_install_output_is_ignored() -> None:
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["build/lib/ebrflow/cli.py", "ebrflow.egg-info/PKG-INFO", ".venv/bin/ebrflow", "ebrflow_data/ebrflow.lock"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths
+
+
 def _make(*args: str) -> str:
     if not shutil.which("make"):
         pytest.skip("make is not installed")
