@@ -21,9 +21,9 @@ from tests.conftest import make_settings
 CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
 CURVE = (10, CLEAN_BEFORE, CLEAN_BEFORE + POISON // 2, CLEAN_BEFORE + POISON, CLEAN_BEFORE + POISON + 15)
 GUARD = {"enabled": True, "margin": 0.5, "window": 4, "baseline": 30, "patience": 2, "min_events": 40}
-# random items are a mild poison for this model: unguarded, served recall fell to 0.91x its level before the
-# poison (two runs: 0.912, 0.907); guarded it stayed 0.06-0.10 above the unguarded control
-HARM, SAVED = 0.95, 0.03
+# random items are a mild poison for this model: unguarded, served recall at the poison's end was 0.907, 0.912 and
+# 0.940 x its level before (three runs); guarded it ended 0.06-0.10 above the unguarded control
+HARM, SAVED = 0.97, 0.03
 
 
 def stream(poison: bool) -> tuple[EventArrays, EventArrays]:
@@ -126,7 +126,7 @@ def unguarded(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_without_a_guard_the_poison_is_served_and_lowers_recall(unguarded: dict) -> None:
     """The harm the guard is for: Milvus follows the poisoned model, and served recall on clean probes falls below
-    HARM × its level before the poison (measured: 0.91×)."""
+    HARM × its level before the poison."""
     print(f"no guard: served probe recall by batch {unguarded['recall']}")
     start, end = CLEAN_BEFORE, CLEAN_BEFORE + POISON
     assert unguarded["versions"][end] > unguarded["versions"][start], "without a guard the poisoned model is served"
