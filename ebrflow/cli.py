@@ -1,6 +1,6 @@
 """The ``ebrflow`` command: demo, run, replay, query (and report, backfill, config).
 
-Exit codes (also in the README): 0 ok, 1 a failed demo, 2 usage (bad flag or argument), 3 unknown user
+Exit codes (also in docs/configuration.md): 0 ok, 1 a failed demo, 2 usage (bad flag or argument), 3 unknown user
 (``query``), 65 a bad input file, 69 a service unavailable (Kafka or Milvus unreachable, metrics port in
 use, nothing served yet), 75 another trainer holds part of the topic, 78 configuration. Errors are one
 ``error:`` line on stderr; a traceback means a bug.

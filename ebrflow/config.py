@@ -355,7 +355,7 @@ class DemoConfig(Section):
 
 
 class Settings(BaseSettings):
-    """All of ebrflow's settings; see README's configuration table for every key."""
+    """All of ebrflow's settings; docs/configuration.md describes every key."""
 
     model_config = SettingsConfigDict(env_prefix="EBRFLOW_", env_nested_delimiter="__", extra="forbid")
     toml_path: ClassVar[Path | None] = None

@@ -2,7 +2,7 @@
 
 Each failure is an exception with an ``exit_code`` that ``ebrflow.cli.main`` turns into one ``error:`` line:
 ``ConfigError`` (78) for settings that cannot work, ``Unavailable`` (69) for a service or resource that is not
-there. The exit codes of the whole CLI are listed here and in the README.
+there. The exit codes of the whole CLI are listed here and in docs/configuration.md.
 """
 
 from __future__ import annotations
