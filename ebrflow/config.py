@@ -391,9 +391,9 @@ class ConfigError(ValueError):
     exit_code = 78  # EX_CONFIG
 
 
-def describe_errors(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> str:
     """One line per problem, ``section.key: message``, without input values; an unknown section or key names the
-    closest known one.
+    closest known one (of ``root``, the model that was validated: ``Settings`` unless given).
 
     >>> try:
     ...     Settings(kafka={"sasl_pasword": "hunter2"})
@@ -406,21 +406,21 @@ def describe_errors(exc: ValidationError) -> str:
         loc = ".".join(str(part) for part in err["loc"]) or "settings"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = _unknown(err["loc"])
+            message = _unknown(err["loc"], root or Settings)
         lines.append(f"{loc}: {message}")
     return "\n".join(lines)
 
 
-def _unknown(loc: tuple) -> str:
-    """Says "unknown section" or "unknown key", with the closest name the settings know at that place, if any."""
-    model: type[BaseModel] = Settings
+def _unknown(loc: tuple, root: type[BaseModel]) -> str:
+    """Says "unknown section" or "unknown key", with the closest name ``root`` knows at that place, if any."""
+    model = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return "unknown key"
         model = annotation
-    what = "unknown section" if len(loc) == 1 else "unknown key"
+    what = "unknown section" if len(loc) == 1 and issubclass(root, BaseSettings) else "unknown key"
     return what + did_you_mean(str(loc[-1]), model.model_fields)
 
 

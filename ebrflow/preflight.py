@@ -120,7 +120,7 @@ def check_model(cfg: ModelConfig) -> None:
         try:
             variant = cfg.variant(name)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: " + "; ".join(describe_errors(exc).splitlines())) from None
+            raise ConfigError(f"{where}: " + "; ".join(describe_errors(exc, ModelConfig).splitlines())) from None
         check_model_options(variant, where)
 
 

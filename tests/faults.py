@@ -109,7 +109,9 @@ def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                MilvusClient(uri=uri, timeout=2).close()
+                # the shared connection pymilvus keeps for this URI recovers with this timeout later: a generous one,
+                # or a reconnect on a loaded machine fails after 2 s (a probe here returns once the server answers)
+                MilvusClient(uri=uri, timeout=30).close()
                 break
             except Exception:
                 if proc.poll() is not None or time.monotonic() > deadline:
