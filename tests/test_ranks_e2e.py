@@ -89,7 +89,7 @@ def _final_models(cfg: Path, data: Path) -> list:
 
 
 def _check_milvus_equals(model, uri: str) -> None:  # noqa: ANN001
-    client = MilvusClient(uri=uri)
+    client = MilvusClient(uri=uri, timeout=60, dedicated=True)  # a fresh connection, closed by close()
     try:
         for role, ids, embed in (
             ("items", model.known_items(), model.item_embeddings),
