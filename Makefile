@@ -9,7 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 # `make bench` runs every suite in bench/ (hours on 2 cores; choose with BENCH_SUITES="quality throughput"), then
-# renders bench/results/RESULTS.md; gowalla only when its data sit beside the checkout (../shared/data).
+# renders every results page from bench/results/*.json (python -m bench.report): each suite's .md, RESULTS.md and the
+# results blocks of docs/benchmarks.md and docs/scaling.md; gowalla only when its data sit beside the checkout.
 GOWALLA_DATA ?= ../shared/data/lightgcn-gowalla
 BENCH_SUITES ?= quality throughput freshness scale soak task_cost variants ranks $(if $(wildcard $(GOWALLA_DATA)),gowalla)
 

@@ -1,15 +1,20 @@
-"""Collects every bench/results/*.json into one Markdown "Results" section: bench/results/RESULTS.md.
+"""Renders every bench/results/*.json as Markdown: each suite's own page (bench/results/<suite>.md), all of them on
+one page (bench/results/RESULTS.md), and the generated blocks of the docs that show results (docs/benchmarks.md,
+docs/scaling.md): whatever sits between ``<!-- results:start SUITE[,SUITE...] -->`` and ``<!-- results:end -->``.
 
-Usage: ``python -m bench.report``. ``--out DIR`` reads and writes another directory; ``--link-prefix
-bench/results/`` makes image links resolve when the section is pasted into the top-level README. Suites
-written by this harness carry their tables; any other JSON (another suite's own format) is summarised by
-its scalar fields and linked.
+Usage: ``python -m bench.report`` (the last step of ``make bench``), so no number in the docs is typed by hand.
+``--out DIR`` reads and writes another results directory; ``--docs DIR`` is the docs directory to update
+(default: the repository's docs/ when the results are the repository's bench/results/, else none). Suites written
+by ``bench.output.Run`` carry their tables; any other JSON (another suite's own format) is summarised by its own
+Markdown, or by its scalar fields.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,8 @@ from typing import Any
 from bench.output import RESULTS_DIR, fmt, machine_info, markdown_table, render_markdown
 
 ORDER = ["quality", "throughput", "freshness", "scale"]
+DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
+BLOCK = re.compile(r"(<!-- results:start ([\w/,]+) -->\n)(.*?)(<!-- results:end -->)", re.DOTALL)
 
 
 def _machine_lines(m: dict[str, Any], source: str) -> list[str]:
@@ -49,6 +56,11 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
+def _ours(payload: dict[str, Any]) -> bool:
+    """Whether a payload was written by ``bench.output.Run`` (it carries its tables and command)."""
+    return "tables" in payload and "command" in payload
+
+
 def foreign_section(name: str, payload: dict[str, Any], results_dir: Path, link_prefix: str) -> str:
     """A JSON not written by bench.output: its own Markdown if it has one, else its scalar fields; plus plots."""
     md = results_dir / f"{name}.md"
@@ -66,16 +78,21 @@ def foreign_section(name: str, payload: dict[str, Any], results_dir: Path, link_
     return "\n".join(lines)
 
 
-def build(results_dir: Path, link_prefix: str = "") -> str:
-    """The whole Results section from the JSON files in ``results_dir``."""
+def _payloads(results_dir: Path) -> dict[str, dict[str, Any]]:
     payloads = {}
     for path in sorted(results_dir.glob("*.json")):
         try:
             payloads[path.stem] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+    return payloads
+
+
+def build(results_dir: Path, link_prefix: str = "") -> str:
+    """The whole Results page from the JSON files in ``results_dir``."""
+    payloads = _payloads(results_dir)
     names = [n for n in ORDER if n in payloads] + sorted(n for n in payloads if n not in ORDER)
-    ours = [payloads[n] for n in names if "tables" in payloads[n] and "command" in payloads[n]]
+    ours = [payloads[n] for n in names if _ours(payloads[n])]
     machine = ours[0]["machine"] if ours else machine_info()
     lines = ["# Results", ""]
     lines += _machine_lines(machine, "as recorded by the first suite below" if ours else "now")
@@ -87,7 +104,7 @@ def build(results_dir: Path, link_prefix: str = "") -> str:
     ]
     for name in names:
         p = payloads[name]
-        if "tables" in p and "command" in p:
+        if _ours(p):
             lines.append(render_markdown(p, heading="##", link_prefix=link_prefix))
             lines.append(
                 f"Run started {p.get('started_utc')}; 1-min load average at start: "
@@ -98,45 +115,62 @@ def build(results_dir: Path, link_prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def readme_summary(results_dir: Path, link_prefix: str = "") -> str:
-    """The README's results: each suite's command and main tables (no tuning grids) and its first plot."""
+def suite_summary(name: str, results_dir: Path, link_prefix: str) -> str:
+    """One suite for a docs page: command, main tables (no tuning grids), notes and first plot; another suite's own
+    Markdown for foreign formats. Empty when the suite has no results file."""
+    path = results_dir / f"{name}.json"
+    if not path.exists():
+        return ""
+    payload = json.loads(path.read_text())
+    source = f"[{name}.json]({link_prefix}{name}.json)"
+    if not _ours(payload):
+        own = results_dir / f"{name}.md"
+        return f"{_demote(own.read_text().strip())}\n\n(Rendered from {source}.)\n" if own.exists() else ""
     lines = [
-        "Generated by `python -m bench.report --readme README.md` from `bench/results/*.json`; the full tables "
-        "(tuning grids, notes) are in [bench/results/RESULTS.md](bench/results/RESULTS.md).",
+        f"## {payload.get('title', name)}",
+        "",
+        f"`{payload['command']}` (wall {fmt(float(payload.get('wall_s', 0.0)))} s), rendered from {source}.",
         "",
     ]
-    for name in [*ORDER, "soak", "gowalla", "task_cost", "ranks"]:
-        path = results_dir / f"{name}.json"
-        if not path.exists():
-            continue
-        if name in ("gowalla", "task_cost") and (results_dir / f"{name}.md").exists():
-            lines += [_demote(_demote((results_dir / f"{name}.md").read_text())), ""]
-            continue
-        p = json.loads(path.read_text())
-        if "tables" not in p or "command" not in p:
-            continue
-        lines += [
-            f"### {p.get('title', name)}",
-            "",
-            f"`{p['command']}` (wall {fmt(float(p.get('wall_s', 0.0)))} s)",
-            "",
-        ]
-        for t in p["tables"]:
-            if not t["title"].lower().startswith("tuning grid"):
-                lines += [markdown_table(t), ""]
-        if p.get("plots"):
-            lines += [f"![{p['plots'][0]}]({link_prefix}{p['plots'][0]})", ""]
+    for t in payload["tables"]:
+        if not t["title"].lower().startswith("tuning grid"):
+            lines += [markdown_table(t), ""]
+    if payload.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in payload["notes"]] + [""]
+    if payload.get("plots"):
+        lines += [f"![{payload['plots'][0]}]({link_prefix}{Path(name).parent / payload['plots'][0]})", ""]
     return "\n".join(lines)
 
 
-def splice_readme(readme: Path, summary: str) -> None:
-    """Replace the text between the results markers of ``readme`` with ``summary``."""
-    text = readme.read_text()
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + summary + "\n" + text[end:])
+def spliced(text: str, results_dir: Path, link_prefix: str) -> str:
+    """``text`` with every results block regenerated from ``results_dir`` (links to it start with ``link_prefix``)."""
+
+    def block(match: re.Match[str]) -> str:
+        sections = [suite_summary(name, results_dir, link_prefix) for name in match.group(2).split(",")]
+        body = "\n".join(s for s in sections if s)
+        return f"{match.group(1)}\n{body}\n{match.group(4)}"
+
+    return BLOCK.sub(block, text)
+
+
+def splice_doc(doc: Path, results_dir: Path) -> bool:
+    """Regenerate every results block of ``doc`` from ``results_dir``; True when it has any."""
+    text = doc.read_text()
+    if not BLOCK.search(text):
+        return False
+    doc.write_text(spliced(text, results_dir, Path(os.path.relpath(results_dir, doc.parent)).as_posix() + "/"))
+    return True
+
+
+def rerender_suites(results_dir: Path) -> None:
+    """Each suite's own Markdown again from its JSON, so a corrected JSON and its page never disagree."""
+    for name, payload in _payloads(results_dir).items():
+        if _ours(payload):
+            (results_dir / f"{name}.md").write_text(render_markdown(payload) + "\n")
+        elif name == "gowalla" and "meta" in payload:
+            from bench.gowalla import render
+
+            render(results_dir / name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,17 +179,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=RESULTS_DIR, help=f"directory to write RESULTS.md (default {RESULTS_DIR})"
     )
     parser.add_argument("--results", type=Path, default=None, help="directory holding the suites' JSON (default --out)")
-    parser.add_argument("--link-prefix", default="", help="prefix for image links, e.g. bench/results/")
-    parser.add_argument("--smoke", action="store_true", help="accepted for symmetry with the suites; no effect")
-    parser.add_argument("--readme", type=Path, default=None, help="also splice a summary into this README")
+    parser.add_argument("--link-prefix", default="", help="prefix for image links in RESULTS.md")
+    parser.add_argument("--docs", type=Path, default=None, help="docs to update (default: docs/ for bench/results/)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    results = args.results or args.out
+    for directory in (results, *(p for p in results.iterdir() if p.is_dir())):
+        rerender_suites(directory)
     out = args.out / "RESULTS.md"
-    out.write_text(build(args.results or args.out, args.link_prefix))
+    out.write_text(build(results, args.link_prefix))
     print(out)
-    if args.readme is not None:
-        splice_readme(args.readme, readme_summary(args.results or args.out, "bench/results/"))
-        print(args.readme)
+    docs = args.docs or (DOCS_DIR if results.resolve() == RESULTS_DIR.resolve() else None)
+    if docs is not None:
+        for doc in sorted(docs.glob("*.md")):
+            if splice_doc(doc, results):
+                print(doc)
     return 0
 
 

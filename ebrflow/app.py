@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
@@ -16,8 +19,8 @@ from typing import Literal
 import torch
 from threadpoolctl import threadpool_limits
 
-from ebrflow.config import ModelConfig, Settings
-from ebrflow.indexer.generations import Generations
+from ebrflow.config import ConfigError, ModelConfig, Settings
+from ebrflow.indexer.generations import ROLES, Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.backfill import BackfillSummary
@@ -159,6 +162,63 @@ def model_fingerprint(cfg: ModelConfig) -> dict:
     }
 
 
+LOCK_NAME = "ebrflow.lock"  # in run.data_dir: held (flock) by the one process that owns the directory
+
+
+class DataDirBusy(RuntimeError):
+    """Another ebrflow process owns the data directory (its checkpoints, history and audit log)."""
+
+    exit_code = 75  # EX_TEMPFAIL: retry once the other process is gone
+
+
+@contextlib.contextmanager
+def own_data_dir(path: Path | str, empty: bool = False) -> Iterator[Path]:
+    """Hold ``path`` (created if missing) for the block: an exclusive ``flock`` on ``<path>/ebrflow.lock``, so a
+    second trainer of the same data dir, whatever its topic or group, is refused with ``DataDirBusy`` before it
+    creates anything. The kernel releases the lock when the process dies, so a crash never leaves it stale.
+    ``empty``: remove everything else in the directory once it is held (the demo starts from nothing)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirBusy(
+            f"run.data_dir {directory} is owned by another ebrflow process (pid {holder}): one trainer per data dir "
+            "(its checkpoints, history and audit log); stop that one, or give this one its own run.data_dir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        if empty:
+            for child in directory.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        yield directory
+    finally:
+        os.close(fd)
+
+
+def check_served_dim(store: MilvusStore, settings: Settings, new_generation: bool) -> None:
+    """Without checkpoints a trainer writes the served generation (``Pipeline._choose_generation``): refuse one
+    whose collections have another dimension than ``model.dim`` before anything starts (``ConfigError``, 78)."""
+    if settings.run.checkpoints or new_generation:
+        return
+    generations = Generations(store.client, settings.milvus.collection_prefix)
+    served = generations.served()
+    for role in ROLES if served is not None else ():
+        name = generations.physical(role, served)
+        dim = store.dim_of(name)
+        if dim is not None and dim != settings.model.dim:
+            raise ConfigError(
+                f"the served collection {name} has dim {dim}, model.dim is {settings.model.dim}; with "
+                f"run.checkpoints = false the trainer writes the served collections: set model.dim = {dim}, or pass "
+                f"--new-generation to build collections of dim {settings.model.dim} behind the served ones"
+            )
+
+
 @contextlib.contextmanager
 def kafka_endpoint(settings: Settings) -> Iterator[str]:
     """The configured bootstrap servers, or an embedded Tansu broker for the duration of the block."""
@@ -251,12 +311,17 @@ def build_trainer(
     """
     k = settings.kafka
     client_kwargs = k.client_kwargs()
+    store = open_store(settings)
+    try:
+        check_served_dim(store, settings, new_generation)
+    except ConfigError:
+        store.client.close()
+        raise
     if k.create_topics:
         ensure_topics(
             bootstrap_servers, {k.topic: k.partitions, k.dead_letter_topic(): 1}, client_kwargs, k.replication_factor
         )
     model = model or build_model(settings.model)
-    store = open_store(settings)
     publisher = Publisher(store)
     metrics = metrics or PipelineMetrics()
     port = None
@@ -293,6 +358,7 @@ def build_trainer(
             run.checkpoint_every_batches,
             run.checkpoint_every_s,
             fingerprint=model_fingerprint(settings.model),
+            stream={"topic": k.topic, "group": k.group_id},
             variants={
                 v.name: (v.model, v.publisher.seen, model_fingerprint(settings.model.variant(v.name))) for v in variants
             },

@@ -1,6 +1,6 @@
 """The ``ebrflow`` command: demo, run, replay, query (and report, backfill, config).
 
-Exit codes (also in the README): 0 ok, 1 a failed demo, 2 usage (bad flag or argument), 3 unknown user
+Exit codes (also in docs/configuration.md): 0 ok, 1 a failed demo, 2 usage (bad flag or argument), 3 unknown user
 (``query``), 65 a bad input file, 69 a service unavailable (Kafka or Milvus unreachable, metrics port in
 use, nothing served yet), 75 another trainer holds part of the topic, 78 configuration. Errors are one
 ``error:`` line on stderr; a traceback means a bug.
@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
+import shlex
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -90,9 +93,9 @@ app.add_typer(config_app, name="config")
 
 def _preflight_trainer(settings: Settings) -> None:
     """Everything a trainer needs, checked before it starts a broker, creates a topic or opens Milvus."""
-    from ebrflow.preflight import check_kafka, check_metrics_port, check_milvus, check_model
+    from ebrflow.preflight import check_kafka, check_metrics_port, check_milvus, check_settings
 
-    check_model(settings.model)
+    check_settings(settings)
     check_metrics_port(settings.metrics)
     k = settings.kafka
     if k.bootstrap_servers:
@@ -118,11 +121,25 @@ def _settings(config: Path | None, log_format: LogFormat | None = None) -> Setti
 
 
 def _say(message: str) -> None:
-    """A result line for the operator: printed, or logged (INFO, plain text) when logs are JSON lines."""
+    """A result line for the operator: printed unwrapped (a command in it stays one line to copy), or logged
+    (INFO, plain text) when logs are JSON lines."""
     if logs.json_mode():
         log.info(Text.from_markup(message).plain)
     else:
-        console.print(message)
+        console.print(message, soft_wrap=True)
+
+
+def _ebrflow_command() -> str:
+    """How to type this ``ebrflow`` in a shell: ``ebrflow`` when PATH finds this one, else its path (relative to
+    the working directory when inside it, e.g. ``.venv/bin/ebrflow``), else ``python -m ebrflow``."""
+    script = Path(sys.executable).parent / "ebrflow"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m ebrflow"
+    found = shutil.which("ebrflow")
+    if found and Path(found).resolve() == script.resolve():
+        return "ebrflow"
+    relative = os.path.relpath(script)
+    return shlex.quote(relative if not relative.startswith("..") else str(script))
 
 
 def _progress() -> Progress:
@@ -143,16 +160,22 @@ def demo(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Run the whole path on embedded defaults: Tansu broker, synthetic stream, trainer, Milvus Lite, /metrics."""
+    from ebrflow.app import own_data_dir
+
+    settings = _settings(config, log_format)
+    _preflight_trainer(settings)
+    data_dir = Path(settings.run.data_dir) / "demo"
+    with own_data_dir(data_dir, empty=True):  # a fresh demo directory each time, and one demo per directory
+        _demo(settings, data_dir, events or settings.demo.events)
+
+
+def _demo(settings: Settings, data_dir: Path, n: int) -> None:
+    """The demo in ``data_dir`` (held by this process): ``n`` synthetic events through the whole path."""
     from ebrflow.app import build_trainer, kafka_endpoint
     from ebrflow.stream.generator import SyntheticStream
     from ebrflow.stream.kafka_io import make_producer
     from ebrflow.stream.replay import events_from_arrays, produce
 
-    settings = _settings(config, log_format)
-    _preflight_trainer(settings)
-    n = events or settings.demo.events
-    data_dir = Path(settings.run.data_dir) / "demo"
-    shutil.rmtree(data_dir, ignore_errors=True)
     settings = settings.model_copy(
         update={
             "run": settings.run.model_copy(update={"data_dir": str(data_dir)}),
@@ -189,7 +212,8 @@ def demo(
     )
     users = trainer.model.known_users()
     if len(users):  # the demo has its own Milvus Lite file: name it, so the next command a user tries works
-        _say(f"try: EBRFLOW_MILVUS__URI={settings.milvus.uri} ebrflow query --user {int(users[-1])} -k 10")
+        uri = shlex.quote(settings.milvus.uri)
+        _say(f"try: EBRFLOW_MILVUS__URI={uri} {_ebrflow_command()} query --user {int(users[-1])} -k 10")
     if summary.trained == 0:
         raise typer.Exit(1)
 
@@ -213,7 +237,7 @@ def run(
 ) -> None:  # noqa: UP045
     """Run the trainer: consume the topic, train, publish to Milvus, serve metrics, until stopped."""
     from ebrflow import ranks as ranked
-    from ebrflow.app import build_trainer, kafka_endpoint
+    from ebrflow.app import build_trainer, kafka_endpoint, own_data_dir
 
     settings = _settings(config, log_format)
     if ranks > 1 or ranked.in_worker():
@@ -235,8 +259,13 @@ def run(
         )
         return
     _preflight_trainer(settings)
-    with kafka_endpoint(settings) as servers:
+    with own_data_dir(settings.run.data_dir), kafka_endpoint(settings) as servers:
         trainer = build_trainer(settings, servers, new_generation=new_generation)
+        if not settings.kafka.bootstrap_servers:  # say where the embedded broker listens, so a replay can feed it
+            _say(
+                f"embedded Kafka broker at {servers}; send it events with: EBRFLOW_KAFKA__BOOTSTRAP_SERVERS={servers} "
+                f"{_ebrflow_command()} replay --synthetic 10000"
+            )
         try:
             summary = trainer.run(max_events=max_events, idle_exit_s=idle_exit)
         finally:
@@ -265,7 +294,11 @@ def replay(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Produce events to the configured topic in time order, keyed by user id (needs kafka.bootstrap_servers)."""
+    """Produce events to the configured topic in time order, keyed by user id (needs kafka.bootstrap_servers).
+
+    The file is read and checked first, offline (a bad line: exit 65 before Kafka is contacted); ``--limit 0``
+    stops there.
+    """
     from itertools import islice
 
     from ebrflow.preflight import check_kafka
@@ -279,9 +312,6 @@ def replay(
         raise typer.BadParameter("give a dataset PATH or --synthetic N")
     settings = _settings(config)
     k = settings.kafka
-    if not k.bootstrap_servers:
-        raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
-    check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=() if k.create_topics else (k.topic,))
     if synthetic:
         d = settings.demo
         stream = SyntheticStream(users=d.users, items=d.items, communities=d.communities, seed=d.seed)
@@ -290,8 +320,14 @@ def replay(
         loaded = read_events(path, fmt.value)
         events = loaded if isinstance(loaded, list) else events_from_arrays([loaded], event_type=fmt.value)
         total = len(loaded)
+    if limit == 0:
+        console.print(f"{total:,} events read and checked; --limit 0: none sent, Kafka not contacted")
+        return
     if limit is not None:
         events, total = islice(events, limit), min(total, limit)
+    if not k.bootstrap_servers:
+        raise ConfigError("replay needs kafka.bootstrap_servers (EBRFLOW_KAFKA__BOOTSTRAP_SERVERS)")
+    check_kafka(k.bootstrap_servers, k.client_kwargs(), topics=() if k.create_topics else (k.topic,))
     if k.create_topics:
         ensure_topics(k.bootstrap_servers, {k.topic: k.partitions}, k.client_kwargs(), k.replication_factor)
     producer = make_producer(k.bootstrap_servers, k.client_kwargs())
@@ -323,15 +359,22 @@ def backfill(
     offsets (or the beginning); on start it re-publishes every backfilled embedding to Milvus. Existing
     checkpoints (a live run's state) are never replaced without ``--force``.
     """
+    from ebrflow.app import own_data_dir
+    from ebrflow.preflight import check_settings
+
+    settings = _settings(config, log_format)
+    check_settings(settings)
+    with own_data_dir(settings.run.data_dir):  # never beside a live trainer of the same data dir
+        _backfill(settings, path, fmt.value, epochs, force, max_minutes)
+
+
+def _backfill(settings: Settings, path: Path, fmt: str, epochs: int, force: bool, max_minutes: float | None) -> None:
+    """``backfill`` once its data dir is held: train, then save the checkpoint."""
     from ebrflow.app import backfill_file, model_fingerprint
     from ebrflow.indexer.seen import SeenItems
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.stream.checkpointer import Checkpointer
 
-    settings = _settings(config, log_format)
-    from ebrflow.preflight import check_model
-
-    check_model(settings.model)
     store = CheckpointStore(Path(settings.run.data_dir) / "checkpoints", settings.run.checkpoint_keep)
     if store.paths() and not force:
         _error(
@@ -341,7 +384,7 @@ def backfill(
         raise typer.Exit(78)
     budget = None if max_minutes is None else max_minutes * 60
     model, events, summary = backfill_file(
-        settings, path, fmt.value, epochs, progress=console.is_terminal and not logs.json_mode(), max_seconds=budget
+        settings, path, fmt, epochs, progress=console.is_terminal and not logs.json_mode(), max_seconds=budget
     )
     seen = SeenItems(settings.milvus.seen_capacity)
     seen.add(events.user_ids, events.item_ids)
@@ -446,17 +489,15 @@ def config_show(
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None) -> None:
-    """Check the settings without side effects (types, keys, environment names, model device and options, the
-    OAUTHBEARER token provider).
+    """Check the settings without side effects (types, keys, environment names, topic and collection names, model
+    device and options, the OAUTHBEARER token provider, that the data directories can be directories).
 
     Exits 0 when valid, 78 with one ``error:`` line otherwise. Reachability of Kafka and Milvus is checked by
     the commands that use them.
     """
-    from ebrflow.preflight import check_model
+    from ebrflow.preflight import check_settings
 
-    settings = load_settings(config)
-    check_model(settings.model)
-    settings.kafka.client_kwargs()
+    check_settings(load_settings(config))
     typer.echo(f"config ok ({config if config else 'defaults'} + environment)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,10 +25,39 @@ ENV_PREFIX = "EBRFLOW_"
 CONFIG_ENV = "EBRFLOW_CONFIG"  # the default config file path (the CLI's --config); not a setting
 
 
-class Section(BaseModel):
-    """A config section: unknown keys are errors, so a typo never silently falls back to a default."""
+# Kafka's rule for topic names (kafka.common.internals.Topic): 1-249 of these characters, and not "." or ".."
+KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+# Milvus' rule for collection names: letters, digits and underscores, starting with a letter or an underscore, at
+# most 255 characters. The prefix is capped lower so the longest derived name, <prefix>_v_<variant>_users_g<N>,
+# still fits: 200 + "_v_" + a variant name of at most 32 + "_users_g" + a generation of up to 12 digits = 255.
+MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_PREFIX, MAX_VARIANT = 200, 32
+MAX_DIM = 32768  # Milvus' largest FLOAT_VECTOR dimension (proxy.maxDimension's default)
 
-    model_config = ConfigDict(extra="forbid")
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, so a typo never silently falls back to a default; floats must be
+    finite (an infinite interval or learning rate is a typo that would only fail later, or never)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def check_topic_name(name: str) -> str:
+    """``name`` if Kafka accepts it as a topic name, else ``ValueError`` saying the rule (never the name: values
+    are not echoed).
+
+    >>> check_topic_name("ebrflow.events")
+    'ebrflow.events'
+    >>> check_topic_name("a b/c")
+    Traceback (most recent call last):
+    ...
+    ValueError: not a legal Kafka topic name: 1-249 characters of a-z, A-Z, 0-9, '.', '_', '-', and not '.' or '..'
+    """
+    if not KAFKA_TOPIC.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            "not a legal Kafka topic name: 1-249 characters of a-z, A-Z, 0-9, '.', '_', '-', and not '.' or '..'"
+        )
+    return name
 
 
 class KafkaConfig(Section):
@@ -62,6 +92,18 @@ class KafkaConfig(Section):
     max_event_bytes: int = Field(64 * 1024, ge=64)
     client_config: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("topic")
+    @classmethod
+    def _legal_topic(cls, value: str) -> str:
+        """The events topic must be a name Kafka accepts (checked before any topic is created)."""
+        return check_topic_name(value)
+
+    @field_validator("dlq_topic")
+    @classmethod
+    def _legal_dlq_topic(cls, value: str) -> str:
+        """An explicit dead-letter topic must be a name Kafka accepts (empty: ``<topic>.dlq``)."""
+        return check_topic_name(value) if value else value
+
     @field_validator("client_config")
     @classmethod
     def _known_client_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +114,7 @@ class KafkaConfig(Section):
             if key in CLIENT_KEYS_OWNED:
                 raise ValueError(f"{key}: {CLIENT_KEYS_OWNED[key]}")
             if key not in defaults:
-                close = difflib.get_close_matches(key, sorted(defaults), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(key, defaults)
                 raise ValueError(f"{key} is not a setting of kafka-python's consumer, producer or admin client{hint}")
         return {key: _like(key, v, defaults[key]) for key, v in value.items()}
 
@@ -86,6 +127,8 @@ class KafkaConfig(Section):
             raise ValueError("sasl_mechanism OAUTHBEARER needs one of sasl_oauth_token or sasl_oauth_token_provider")
         if self.dead_letter_topic() == self.topic:
             raise ValueError("dlq_topic must differ from topic")
+        if not self.dlq_topic and len(self.dead_letter_topic()) > 249:
+            raise ValueError("topic: at most 245 characters without kafka.dlq_topic (<topic>.dlq must fit in 249)")
         return self
 
     def dead_letter_topic(self) -> str:
@@ -189,7 +232,7 @@ class ModelConfig(Section):
     # the graph kind (ssmtl only): "bipartite" user→item, or "user_user" when both ends of an event are users
     # (messaging, friend recommendation); user_user stores each edge in both directions
     graph: Literal["bipartite", "user_user"] = "bipartite"
-    dim: int = Field(64, ge=2)
+    dim: int = Field(64, ge=2)  # at most MAX_DIM, Milvus' limit
     lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.0003)
     temperature: float = Field(0.1, gt=0)
     steps_per_batch: int = Field(1, ge=0)  # 0: no gradient steps (training-free parts only)
@@ -203,6 +246,25 @@ class ModelConfig(Section):
     # shadow A/B: name → overrides of the keys above (e.g. {kind = "two_tower"}); each variant trains on the same
     # stream in this trainer and is served from its own collections <prefix>_v_<name>_items/_users
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("dim")
+    @classmethod
+    def _milvus_dim(cls, value: int) -> int:
+        """The embedding dimension is the Milvus vector dimension: at most Milvus' limit."""
+        if value > MAX_DIM:
+            raise ValueError(f"at most {MAX_DIM}, Milvus' largest vector dimension")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Variant names become part of Milvus collection names: letters, digits, underscores, at most 32."""
+        for name in value:
+            if not re.fullmatch(rf"[A-Za-z0-9_]{{1,{MAX_VARIANT}}}", name):
+                raise ValueError(
+                    f"variant names are 1-{MAX_VARIANT} letters, digits or underscores (they name Milvus collections)"
+                )
+        return value
 
     def variant(self, name: str) -> ModelConfig:
         """The full configuration of variant ``name``: this one with the variant's overrides."""
@@ -219,6 +281,17 @@ class MilvusConfig(Section):
     seen_capacity: int = Field(1024, ge=1, le=4096)
     flush_interval_s: float = Field(30.0, gt=0)
     generation_grace_s: float = Field(600.0, ge=0)  # superseded generations' collections are dropped after this
+
+    @field_validator("collection_prefix")
+    @classmethod
+    def _milvus_prefix(cls, value: str) -> str:
+        """Collections are ``<prefix>_items_g<N>`` etc.: the prefix must make names Milvus accepts."""
+        if not MILVUS_NAME.fullmatch(value) or len(value) > MAX_PREFIX:
+            raise ValueError(
+                f"Milvus collection names are letters, digits and underscores starting with a letter or underscore; "
+                f"the prefix must be 1-{MAX_PREFIX} of them (the longest collection name stays within Milvus' 255)"
+            )
+        return value
 
 
 class MetricsConfig(Section):
@@ -282,7 +355,7 @@ class DemoConfig(Section):
 
 
 class Settings(BaseSettings):
-    """All of ebrflow's settings; see README's configuration table for every key."""
+    """All of ebrflow's settings; docs/configuration.md describes every key."""
 
     model_config = SettingsConfigDict(env_prefix="EBRFLOW_", env_nested_delimiter="__", extra="forbid")
     toml_path: ClassVar[Path | None] = None
@@ -318,20 +391,47 @@ class ConfigError(ValueError):
     exit_code = 78  # EX_CONFIG
 
 
-def describe_errors(exc: ValidationError) -> str:
-    """One line per problem, ``section.key: message``, without input values.
+def describe_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """One line per problem, ``section.key: message``, without input values; an unknown section or key names the
+    closest known one (of ``root``, the model that was validated: ``Settings`` unless given).
 
     >>> try:
     ...     Settings(kafka={"sasl_pasword": "hunter2"})
     ... except ValidationError as e:
     ...     print(describe_errors(e))
-    kafka.sasl_pasword: Extra inputs are not permitted
+    kafka.sasl_pasword: unknown key (did you mean 'sasl_password'?)
     """
     lines = []
     for err in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = ".".join(str(part) for part in err["loc"]) or "settings"
-        lines.append(f"{loc}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = _unknown(err["loc"], root or Settings)
+        lines.append(f"{loc}: {message}")
     return "\n".join(lines)
+
+
+def _unknown(loc: tuple, root: type[BaseModel]) -> str:
+    """Says "unknown section" or "unknown key", with the closest name ``root`` knows at that place, if any."""
+    model = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "unknown key"
+        model = annotation
+    what = "unknown section" if len(loc) == 1 and issubclass(root, BaseSettings) else "unknown key"
+    return what + did_you_mean(str(loc[-1]), model.model_fields)
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to ``name``, or an empty string.
+
+    >>> did_you_mean("modle", ["model", "kafka"]), did_you_mean("zzz", ["model"])
+    (" (did you mean 'model'?)", '')
+    """
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -368,7 +468,7 @@ def check_environment(environ: Mapping[str, str]) -> None:
         section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in sections:
             raise ConfigError(
-                f"environment variable {name}: unknown section {section!r} "
+                f"environment variable {name}: unknown section {section!r}{did_you_mean(section, sections)} "
                 f"(EBRFLOW_<SECTION>__<KEY> with SECTION one of {', '.join(sorted(sections))})"
             )
 

@@ -2,7 +2,7 @@
 
 Each failure is an exception with an ``exit_code`` that ``ebrflow.cli.main`` turns into one ``error:`` line:
 ``ConfigError`` (78) for settings that cannot work, ``Unavailable`` (69) for a service or resource that is not
-there. The exit codes of the whole CLI are listed here and in the README.
+there. The exit codes of the whole CLI are listed here and in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import errno
 import inspect
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from ebrflow.config import ConfigError, MetricsConfig, ModelConfig, describe_errors
+from ebrflow.config import ConfigError, MetricsConfig, ModelConfig, Settings, describe_errors
 
 EX_OK = 0
 EX_USAGE = 2  # a bad flag or argument (click's code)
@@ -119,8 +120,35 @@ def check_model(cfg: ModelConfig) -> None:
         try:
             variant = cfg.variant(name)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: " + "; ".join(describe_errors(exc).splitlines())) from None
+            raise ConfigError(f"{where}: " + "; ".join(describe_errors(exc, ModelConfig).splitlines())) from None
         check_model_options(variant, where)
+
+
+def check_settings(settings: Settings) -> None:
+    """What ``config validate`` and every command's preflight check beyond the types, without side effects: the
+    model (device, options, variants), the Kafka client settings, and that the data directories can be directories."""
+    check_model(settings.model)
+    settings.kafka.client_kwargs()
+    check_directory(settings.run.data_dir, "run.data_dir")
+    if "://" not in settings.milvus.uri:
+        check_directory(settings.milvus.uri, "milvus.uri")
+
+
+def check_directory(path: str, key: str) -> None:
+    """``path`` is a directory, or can be created as one: it and its nearest existing ancestor are no files.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     check_directory(f.name + "/sub", "run.data_dir")
+    Traceback (most recent call last):
+    ...
+    ebrflow.config.ConfigError: run.data_dir: ... cannot be a directory: ... is a file, not a directory
+    """
+    target = Path(path)
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == target else f"{target} cannot be a directory: "
+        raise ConfigError(f"{key}: {where}{existing} is a file, not a directory")
 
 
 def check_metrics_port(cfg: MetricsConfig) -> None:

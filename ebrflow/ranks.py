@@ -3,6 +3,7 @@ worker it starts (``WORLD_SIZE`` > 1 in its environment) joins the process group
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -108,7 +109,7 @@ def run_rank(
     settings: Settings, bootstrap_servers: str, max_events: int | None, idle_exit_s: float | None
 ) -> RunSummary:
     """Join the process group (gloo on CPU, nccl on CUDA) and run this rank's loop; returns its ``RunSummary``."""
-    from ebrflow.app import build_model, evaluator_for, model_fingerprint, open_store
+    from ebrflow.app import build_model, evaluator_for, model_fingerprint, open_store, own_data_dir
     from ebrflow.indexer.generations import Generations
     from ebrflow.indexer.mirror import EmbeddingMirror
     from ebrflow.indexer.publisher import Publisher
@@ -122,6 +123,7 @@ def run_rank(
     cuda = settings.model.device.startswith("cuda") and torch.cuda.is_available()
     init_group("nccl" if cuda else "gloo")
     rank, k, run = dist.get_rank(), settings.kafka, settings.run
+    held = contextlib.ExitStack()
     try:
         if k.create_topics and rank == 0:
             topics = {k.topic: k.partitions, k.dead_letter_topic(): 1}
@@ -130,8 +132,7 @@ def run_rank(
         trainer = ReplicatedTrainer(build_model(settings.model))  # type: ignore[arg-type]
         store = open_store(settings)
         publisher = Publisher(store)
-        data = Path(run.data_dir) / f"rank{rank}"
-        data.mkdir(parents=True, exist_ok=True)
+        data = held.enter_context(own_data_dir(Path(run.data_dir) / f"rank{rank}"))  # one job per data dir
         checkpoints = None
         if run.checkpoints:
             ckpt_store = CheckpointStore(data / "checkpoints", run.checkpoint_keep)
@@ -182,4 +183,5 @@ def run_rank(
         )  # fmt: skip
         return summary
     finally:
+        held.close()
         dist.destroy_process_group()

@@ -23,19 +23,56 @@ class MilvusLiteBusy(RuntimeError):
     exit_code = 75  # EX_TEMPFAIL, as for another trainer holding the topic: ``ebrflow`` prints one line
 
 
+class MilvusLiteMissing(RuntimeError):
+    """A Milvus Lite path was given but the ``milvus-lite`` package is not installed (the ``client`` extra alone)."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class _Held(logging.Handler):
+    """Keeps the records milvus_lite logs while a database opens, instead of printing its tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def connect(uri: str, token: str = "", timeout_s: float = 30.0) -> MilvusClient:
-    """A client for a Milvus Lite path (created if missing) or a ``http(s)://host:port`` server."""
-    if "://" not in uri:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    """A client for a Milvus Lite path (created if missing) or a ``http(s)://host:port`` server.
+
+    A Lite path that cannot be opened raises ``MilvusLiteMissing`` (no milvus-lite) or ``MilvusLiteBusy`` with
+    milvus_lite's own reason; the tracebacks milvus_lite logs while failing are held back, not printed.
+    """
+    if "://" in uri:
+        return MilvusClient(uri=uri, token=token, timeout=timeout_s)
+    try:
+        import milvus_lite  # noqa: F401 - pymilvus opens a local path through it
+    except ImportError:
+        raise MilvusLiteMissing(
+            f"milvus.uri {uri} is a Milvus Lite path, and milvus-lite is not installed: "
+            "pip install 'ebrflow[client,lite]' (or point milvus.uri at an http:// Milvus server)"
+        ) from None
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    lite_log, held = logging.getLogger("milvus_lite"), _Held()
+    propagate = lite_log.propagate
+    lite_log.addHandler(held)
+    lite_log.propagate = False
     try:
         return MilvusClient(uri=uri, token=token, timeout=timeout_s)
-    except Exception as exc:
-        if "://" not in uri:
-            raise MilvusLiteBusy(
-                f"could not open Milvus Lite at {uri!r} ({exc}). Milvus Lite allows one process per data dir: "
-                "stop the trainer, or serve it with `milvus-lite server --data-dir ...` and use its http:// URI."
-            ) from exc
-        raise
+    except Exception as exc:  # noqa: BLE001 - pymilvus says only "Open local milvus failed"; milvus_lite logged why
+        reasons = [str(r.exc_info[1]) for r in held.records if r.exc_info and r.exc_info[1] is not None]
+        why = reasons[-1] if reasons else str(exc)
+        raise MilvusLiteBusy(
+            f"could not open Milvus Lite at {uri} ({why}); Milvus Lite allows one process per data dir: stop the "
+            f"other process, or serve the directory with `milvus-lite server --data-dir {uri} --port P` and set "
+            "milvus.uri to http://127.0.0.1:P"
+        ) from None
+    finally:
+        lite_log.removeHandler(held)
+        lite_log.propagate = propagate
 
 
 class MilvusStore:
@@ -189,14 +226,3 @@ class MilvusStore:
         """Number of distinct ids in a collection."""
         res = self.client.query(collection, filter="id >= 0", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
-
-    def search(self, collection: str, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """Top-``k`` (id, score) by inner product (benchmarks; clients use ``indexer.query.QueryClient``)."""
-        res = self.client.search(
-            collection,
-            data=[np.asarray(vector, np.float32).tolist()],
-            limit=k,
-            anns_field="embedding",
-            search_params={"metric_type": "IP"},
-        )
-        return [(int(hit["id"]), float(hit["distance"])) for hit in res[0]]

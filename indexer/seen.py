@@ -65,17 +65,6 @@ class SeenItems:
             keep = np.sort(len(merged) - 1 - last_rev)
             self._seen[user] = merged[keep][-self.capacity :]
 
-    def with_added(self, user_ids: np.ndarray, batch_users: np.ndarray, batch_items: np.ndarray) -> SeenItems:
-        """A staged copy holding only ``user_ids``, with the batch's interactions added (self is unchanged)."""
-        staged = SeenItems(self.capacity)
-        staged._seen = {u: self.get(u) for u in user_ids.tolist()}
-        staged.add(batch_users, batch_items)
-        return staged
-
-    def merge(self, staged: SeenItems) -> None:
-        """Adopt a staged copy's users (after their publish succeeded)."""
-        self._seen.update(staged._seen)
-
     def state_dict(self) -> dict:
         """Flat tensors: users, lengths, concatenated items."""
         users = list(self._seen)

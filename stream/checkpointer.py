@@ -72,7 +72,9 @@ class Checkpointer:
     A checkpoint is the source of truth: on restore the model and seen items are loaded and the returned
     offsets are where each partition resumes (the pipeline then re-publishes every embedding).
     Steps of a save, in order: the batch was published → state written → offsets committed.
-    ``fingerprint`` (model kind, dim, prior, options) is saved and must match at restore.
+    ``fingerprint`` (model kind, dim, prior, options) is saved and must match at restore; so must ``stream``
+    (``{"topic": ..., "group": ...}``, the trainer's input) when both the checkpoint and this trainer name one: a
+    checkpoint holds one topic's offsets and what one stream trained, and is no other trainer's to resume from.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Checkpointer:
         every_s: float = 60.0,
         fingerprint: dict | None = None,
         variants: dict[str, tuple[RetrievalModel, SeenItems, dict]] | None = None,
+        stream: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -91,6 +94,7 @@ class Checkpointer:
         self.every_batches = every_batches
         self.every_s = every_s
         self.fingerprint = fingerprint or {}
+        self.stream = stream  # None: a backfill, whose checkpoint any trainer of the same model may start from
         # shadow models (model, seen store, fingerprint) saved and restored alongside; missing or changed: fresh
         self.variants = variants or {}
         self.generation: int | None = None  # the Milvus generation this run writes (saved with every checkpoint)
@@ -123,6 +127,7 @@ class Checkpointer:
                 "version": self.model.version,
                 "saved_at": time.time(),
                 "fingerprint": self.fingerprint,
+                "stream": self.stream,
                 "source": source,
                 "generation": self.generation,
                 "variants": {
@@ -136,12 +141,20 @@ class Checkpointer:
     def restore(self) -> Restored | None:
         """Load the newest checkpoint that verifies and restores a finite model; None when there is none.
 
-        Raises ``CheckpointMismatch`` when that checkpoint was written under another model configuration.
+        Raises ``CheckpointMismatch`` when that checkpoint was written under another model configuration, or by the
+        trainer of another topic or consumer group.
         A checkpoint that verifies but cannot be loaded (or yields non-finite embeddings) is skipped for the
         next older one; when none is usable the model and seen store are left as they were (empty).
         """
         initial = copy.deepcopy((self.model.state_dict(), self.seen.state_dict()))
         for path, state in self.store.verified():
+            owner = state.get("stream")
+            if owner is not None and self.stream is not None and owner != self.stream:
+                raise CheckpointMismatch(
+                    f"checkpoint {path} belongs to the trainer of topic {owner.get('topic')!r}, group "
+                    f"{owner.get('group')!r}, not to this one (topic {self.stream['topic']!r}, group "
+                    f"{self.stream['group']!r}); run.data_dir holds one trainer's state: give each trainer its own"
+                )
             saved = state.get("fingerprint")
             if saved is None:
                 log.error("skipping checkpoint %s: it has no model fingerprint (written by an older ebrflow)", path)

@@ -39,6 +39,11 @@ def broker() -> Iterator[EmbeddedBroker]:
 @pytest.fixture()
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings pointing at the session broker with a unique topic and group, Milvus Lite under tmp_path."""
+    return make_settings(broker, tmp_path)
+
+
+def make_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """What the ``settings`` fixture gives, for fixtures of a wider scope (``tmp_path`` from ``tmp_path_factory``)."""
     n = next(_counter)
     return load_settings(
         kafka={

@@ -109,7 +109,10 @@ def milvus_lite_server(data_dir: Path, timeout_s: float = 60.0) -> Iterator[str]
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                MilvusClient(uri=uri, timeout=2).close()
+                # dedicated: closed on close(). A shared connection (pymilvus' default) stays open in this process
+                # after close(), idle; the server drops it ("too many pings") and a later client of the URI fails to
+                # recover it on a loaded machine. A probe returns as soon as the server answers.
+                MilvusClient(uri=uri, timeout=30, dedicated=True).close()
                 break
             except Exception:
                 if proc.poll() is not None or time.monotonic() > deadline:

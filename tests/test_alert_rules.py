@@ -17,6 +17,7 @@ import yaml
 
 import tests.promql
 from ebrflow.ops.metrics import PipelineMetrics
+from tests.markdown import github_anchors
 from tests.promql import dashboard_queries, exported_series, metric_names, selectors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ ALERTS = PROM_DIR / "alerts.yml"
 ALERT_TESTS = PROM_DIR / "alerts_test.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "ebrflow.json"
 CATALOGUE = ROOT / "docs" / "metrics.md"
-README = ROOT / "README.md"
+RUNBOOKS = ROOT / "docs" / "operations.md"  # the alerts' runbook_url target
 
 EXPECTED_ALERTS = {
     "RecallDropped", "DriftDetected", "ConsumerLagGrowing", "NoPublish", "DLQRateHigh", "TrainerDown",
@@ -114,25 +115,6 @@ def test_every_alert_has_severity_and_text(rule: dict) -> None:
     assert len(rule["annotations"]["description"].strip()) > 40
 
 
-def github_anchors(markdown: str) -> set[str]:
-    """The anchors GitHub gives a document's headings: lower case, punctuation but ``-`` and ``_`` dropped, spaces
-    to ``-``, and ``-1``, ``-2`` … on repeats; headings inside code fences are not headings."""
-    anchors: set[str] = set()
-    fenced = False
-    for line in markdown.splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
-        match = None if fenced else re.match(r"#{1,6}\s+(.+?)\s*#*\s*$", line)
-        if match:
-            base = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
-            anchor, n = base, 0
-            while anchor in anchors:
-                n += 1
-                anchor = f"{base}-{n}"
-            anchors.add(anchor)
-    return anchors
-
-
 def test_github_anchors_follow_githubs_rules() -> None:
     text = "# A Title\n## Runbook: TrainerDown\n```\n# not a heading\n```\n## Runbook: TrainerDown\n### `x_y` (z)!\n"
     assert github_anchors(text) == {"a-title", "runbook-trainerdown", "runbook-trainerdown-1", "x_y-z"}
@@ -141,13 +123,13 @@ def test_github_anchors_follow_githubs_rules() -> None:
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
 def test_every_alert_links_its_runbook_section(rule: dict) -> None:
     url = rule["annotations"]["runbook_url"]
-    assert url == f"README.md#runbook-{rule['alert'].lower()}"
+    assert url == f"{RUNBOOKS.relative_to(ROOT).as_posix()}#runbook-{rule['alert'].lower()}"
     path, anchor = url.split("#")
-    assert anchor in github_anchors((ROOT / path).read_text(encoding="utf-8")), f"no README heading for #{anchor}"
+    assert anchor in github_anchors((ROOT / path).read_text(encoding="utf-8")), f"no heading in {path} for #{anchor}"
 
 
 def test_runbook_sections_are_only_for_alerts_that_exist() -> None:
-    runbooks = {a for a in github_anchors(README.read_text(encoding="utf-8")) if a.startswith("runbook-")}
+    runbooks = {a for a in github_anchors(RUNBOOKS.read_text(encoding="utf-8")) if a.startswith("runbook-")}
     assert runbooks == {f"runbook-{name.lower()}" for name in EXPECTED_ALERTS}
 
 

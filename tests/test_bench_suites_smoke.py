@@ -171,6 +171,40 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert len(q["tables"]) == 3
 
 
+def test_the_docs_and_suite_pages_show_what_bench_report_renders_from_the_committed_results() -> None:
+    """No number in the docs' results blocks or a suite's page is typed by hand: each is what ``python -m
+    bench.report`` renders from the committed JSON (run it after changing either)."""
+    from bench import report
+    from bench.output import RESULTS_DIR, render_markdown
+
+    docs = [doc for doc in sorted(report.DOCS_DIR.glob("*.md")) if report.BLOCK.search(doc.read_text())]
+    assert {doc.name for doc in docs} >= {"benchmarks.md", "scaling.md"}
+    for doc in docs:
+        text = doc.read_text()
+        assert report.spliced(text, RESULTS_DIR, "../bench/results/") == text, f"{doc.name}: run python -m bench.report"
+    for path in [*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("*/*.json")]:
+        payload = json.loads(path.read_text())
+        if "tables" in payload and "command" in payload:
+            assert path.with_suffix(".md").read_text() == render_markdown(payload) + "\n", path.name
+
+
+def test_report_splices_results_into_a_doc(tmp_path: Path) -> None:
+    from bench import report
+
+    table = {"title": "T", "columns": ["a"], "rows": [["1"]], "note": ""}
+    fake = {"suite": "demo", "title": "Demo", "command": "python -m bench.demo", "machine": {}, "wall_s": 1.0}
+    fake.update(tables=[table], notes=["n"], plots=[])
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    (results / "demo.json").write_text(json.dumps(fake))
+    (docs / "page.md").write_text("# Page\n\n<!-- results:start demo -->\nstale 0.5\n<!-- results:end -->\nafter\n")
+    assert report.main(["--out", str(results), "--docs", str(docs)]) == 0
+    page = (docs / "page.md").read_text()
+    assert "stale" not in page and "## Demo" in page and "| 1 |" in page and page.endswith("after\n")
+    assert "../results/demo.json" in page and (results / "demo.md").exists()
+
+
 def test_report_collects_results(tmp_path: Path) -> None:
     from bench import report
 
@@ -190,3 +224,26 @@ def test_report_collects_results(tmp_path: Path) -> None:
     text = (tmp_path / "RESULTS.md").read_text()
     assert "# Results" in text and "`python -m bench.demo`" in text and "| 1 |" in text
     assert "nested.ndcg" in text and "2 logical CPUs" in text
+
+
+def test_a_ratio_under_its_target_never_prints_as_the_target() -> None:
+    from bench.throughput import compute_ratio_note
+
+    assert compute_ratio_note({1: 0.3456, 2: 0.36}) == (
+        "SSMTL compute / two-tower compute (target ≥ 0.35): 0.346 at 1 thread(s) (missed), 0.36 at 2 thread(s) (met)."
+    )
+
+
+def test_quality_rows_name_every_setting_that_differs_from_the_shipped_defaults() -> None:
+    from bench.quality import DEFAULT_MAX_EVENTS, SHIPPED, ebrflow_families
+
+    for dataset in ("movielens", "collegemsg"):
+        families = ebrflow_families(dataset, smoke=False)
+        shipped = [f for f in families if f.name == SHIPPED]
+        assert len(shipped) == 1 and shipped[0].settings == {} and shipped[0].batch_size is None
+        in_trainer_batches = [f for f in families if f.batch_size is not None]
+        assert [(f.settings, f.batch_size, f.role) for f in in_trainer_batches] == [({}, DEFAULT_MAX_EVENTS, "default")]
+        assert f"{DEFAULT_MAX_EVENTS:,}" in in_trainer_batches[0].name
+        for f in families:
+            assert ("graph = user_user" in f.name) == (f.settings.get("graph") == "user_user"), f.name
+            assert f.name == SHIPPED or f.settings or f.batch_size, f"{f.name}: a variant that changes nothing"

@@ -208,6 +208,7 @@ def test_a_fresh_venv_with_only_the_client_extra_queries_a_milvus_lite_server(tm
     run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path, "timeout": 600}  # not the checkout
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", f"{source}[client]"], **run)
     assert installed.returncode == 0, installed.stderr[-2000:]
+    assert "BuildBackendWarning" not in installed.stderr, installed.stderr[-2000:]  # SPDX license, data declared
     assert subprocess.run([str(python), "-c", "import torch"], **run).returncode != 0
     command = subprocess.run([str(venv / "bin" / "ebrflow"), "--help"], **run)
     assert command.returncode == 69 and command.stdout == ""

@@ -14,7 +14,7 @@ from ebrflow.config import Settings
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.milvus_store import MilvusStore, connect
 from ebrflow.indexer.query import NothingServed, QueryClient
-from tests.faults import send_events, trained_count
+from tests.faults import send_events, trained_count, wait_for
 
 
 def _fill(client, generation: int, dim: int, item_base: int) -> MilvusStore:  # noqa: ANN001
@@ -51,14 +51,22 @@ def test_queries_during_switches_never_mix_generations_or_come_back_empty(tmp_pa
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
+    def answered(generation: int, since: int, n: int = 3) -> bool:
+        """The reader got ``n`` answers of ``generation`` since ``seen[since]`` (it follows the switch)."""
+        return sum(g == generation for g in seen[since:]) >= n
+
     thread = threading.Thread(target=query)
     thread.start()
-    for generation in (2, 3, 2, 3):
-        time.sleep(0.3)
-        gens.switch(generation)
-    time.sleep(0.3)
-    done.set()
-    thread.join()
+    try:
+        assert wait_for(lambda: answered(1, 0), 120, every_s=0.01) or errors, "the reader never read generation 1"
+        for generation in (2, 3, 2, 3):  # switch only once the reader has seen the previous switch
+            mark = len(seen)
+            gens.switch(generation)
+            followed = lambda g=generation, m=mark: answered(g, m) or bool(errors)  # noqa: E731
+            assert wait_for(followed, 120, every_s=0.01), generation
+    finally:
+        done.set()
+        thread.join()
     assert not errors, errors[:3]
     assert {1, 2, 3} <= set(seen), "the reader followed every switch"
     assert gens.served() == 3

@@ -1,6 +1,9 @@
-"""The recall guard on the real broker and Milvus Lite: a planted poison stretch, hold and rollback, a control run."""
+"""The recall guard on the real broker and Milvus Lite: a planted poison stretch and a learning-rate spike, each
+against a control run without the guard that shows the harm; hold and rollback; quiet on a clean stream."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,14 +11,19 @@ import pytest
 from ebrflow.app import build_trainer
 from ebrflow.config import Settings
 from ebrflow.ops.prequential import ranks_in, top_k
+from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.generator import EventArrays, SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
 from ebrflow.stream.replay import events_from_arrays
 from ebrflow.stream.schema import EventCodec
+from tests.conftest import make_settings
 
 CLEAN_BEFORE, POISON, CLEAN_AFTER, BATCH = 40, 25, 35, 256  # batches of each phase
 CURVE = (10, CLEAN_BEFORE, CLEAN_BEFORE + POISON // 2, CLEAN_BEFORE + POISON, CLEAN_BEFORE + POISON + 15)
 GUARD = {"enabled": True, "margin": 0.5, "window": 4, "baseline": 30, "patience": 2, "min_events": 40}
+# random items are a mild poison for this model: unguarded, served recall at the poison's end was 0.907, 0.912 and
+# 0.940 x its level before (three runs); guarded it ended 0.06-0.10 above the unguarded control
+HARM, SAVED = 0.97, 0.03
 
 
 def stream(poison: bool) -> tuple[EventArrays, EventArrays]:
@@ -110,35 +118,54 @@ def run(settings: Settings, poison: bool, guard: dict | None, spike: float | Non
     return out
 
 
+@pytest.fixture(scope="module")
+def unguarded(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The control run: the poisoned stream without a guard."""
+    return run(make_settings(broker, tmp_path_factory.mktemp("unguarded")), poison=True, guard=None)
+
+
+def test_without_a_guard_the_poison_is_served_and_lowers_recall(unguarded: dict) -> None:
+    """The harm the guard is for: Milvus follows the poisoned model, and served recall on clean probes falls below
+    HARM × its level before the poison."""
+    print(f"no guard: served probe recall by batch {unguarded['recall']}")
+    start, end = CLEAN_BEFORE, CLEAN_BEFORE + POISON
+    assert unguarded["versions"][end] > unguarded["versions"][start], "without a guard the poisoned model is served"
+    assert unguarded["recall"][end] < HARM * unguarded["recall"][start], unguarded["recall"]
+
+
 @pytest.mark.parametrize("mode", ["hold", "rollback"])
-def test_guard_keeps_serving_the_last_good_model_through_a_poisoned_stretch(settings: Settings, mode: str) -> None:
+def test_guard_keeps_serving_the_last_good_model_through_a_poisoned_stretch(
+    settings: Settings, unguarded: dict, mode: str
+) -> None:
+    """Guarded, served recall at the poison's end stays ≥ 0.9× its level before, and at least SAVED above what the
+    same poison leaves served without a guard (the control above)."""
     guarded = run(settings, poison=True, guard={**GUARD, "mode": mode})
-    print(f"guard {mode}: actions {guarded['actions']}, served probe recall {guarded['recall']}")
-    before, during = guarded["recall"][CLEAN_BEFORE], guarded["recall"][CLEAN_BEFORE + POISON]
+    print(f"guard {mode}: actions {guarded['actions']}, served probe recall by batch {guarded['recall']}")
+    end = CLEAN_BEFORE + POISON
+    before, during = guarded["recall"][CLEAN_BEFORE], guarded["recall"][end]
     assert during >= 0.9 * before, guarded
+    assert during >= unguarded["recall"][end] + SAVED, (guarded["recall"], unguarded["recall"])
     fired = [a for b, a in guarded["actions"]]
     assert fired and fired[0] == mode, guarded["actions"]
     assert all(CLEAN_BEFORE <= b for b, _ in guarded["actions"]), "nothing fired before the poison"
-    print(f"guard {mode}: served probe recall by batch {guarded['recall']}")
     if mode == "hold":
         assert "resume" in fired and guarded["holding_at_end"] == 0, "publishing resumed after the poison"
         assert guarded["max_version_at_resume"] <= guarded["version_at_hold"], "Milvus rows changed during the hold"
 
 
-def test_guard_stays_quiet_on_a_clean_stream_and_milvus_follows_the_poison_without_it(settings: Settings) -> None:
+def test_guard_stays_quiet_on_a_clean_stream(settings: Settings) -> None:
     control = run(settings, poison=False, guard={**GUARD, "mode": "hold"})
     assert control["actions"] == [], control["actions"]
-    unguarded = run(settings, poison=True, guard=None)
-    print(f"no guard: served probe recall by batch {unguarded['recall']}")
-    start, end = CLEAN_BEFORE, CLEAN_BEFORE + POISON
-    assert unguarded["versions"][end] > unguarded["versions"][start], "without a guard the poisoned model is served"
 
 
-def test_rollback_undoes_a_learning_rate_spike(settings: Settings) -> None:
-    """A 10,000× learning rate for 25 batches halves served recall; rollback (margin 0.3) restores the last healthy
-    snapshot, whose fresh optimiser also ends the spike."""
+def test_rollback_undoes_a_learning_rate_spike(settings: Settings, tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """A 10,000× learning rate from batch 40 cuts served recall below 3/4 of its level without a guard (the
+    control, measured at the spike's middle); with rollback (margin 0.3) the last healthy snapshot, whose fresh
+    optimiser also ends the spike, keeps it ≥ 0.9×."""
+    control = run(make_settings(broker, tmp_path / "control"), poison=False, guard=None, spike=1e4)
     out = run(settings, poison=False, guard={**GUARD, "mode": "rollback", "margin": 0.3}, spike=1e4)
-    print(f"lr spike, rollback: actions {out['actions']}, served probe recall by batch {out['recall']}")
+    print(f"lr spike: no guard {control['recall']}; rollback {out['actions']}, {out['recall']}")
+    middle = CLEAN_BEFORE + POISON // 2
+    assert control["recall"][middle] < 0.75 * control["recall"][CLEAN_BEFORE], control["recall"]
     assert [a for _, a in out["actions"]][:1] == ["rollback"], out["actions"]
-    before, during = out["recall"][CLEAN_BEFORE], out["recall"][CLEAN_BEFORE + POISON // 2]
-    assert during >= 0.9 * before, out["recall"]
+    assert out["recall"][middle] >= 0.9 * out["recall"][CLEAN_BEFORE], out["recall"]

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,12 @@ def test_run_logs_json_lines_with_periodic_status(settings: Settings, tmp_path: 
         EBRFLOW_RUN__DATA_DIR=str(tmp_path / "data"),
         EBRFLOW_RUN__STATUS_INTERVAL_S="1",
     )
+    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "ebrflow.cli", "run", "--log-format", "json", "--idle-exit", "7"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False,
     )  # fmt: skip
+    ran_s = time.monotonic() - started
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == ""
     records = [json.loads(line) for line in out.stderr.splitlines()]  # every line is one JSON object
@@ -97,5 +100,5 @@ def test_run_logs_json_lines_with_periodic_status(settings: Settings, tmp_path: 
     assert last["events_trained"] == events
     assert last["consumer_lag"] == 0
     assert 0 <= last["recall"] <= 1
-    assert 0 <= last["seconds_since_publish"] < 30
+    assert 0 <= last["seconds_since_publish"] <= ran_s  # a publish of this run, however slow the machine
     assert any(r["message"].startswith(f"consumed {events:,}") for r in records)  # the closing line is a record too

@@ -170,7 +170,7 @@ def test_a_checkpoint_restores_only_into_the_same_task_settings(tmp_path):
             "model.variants.x.options.tasks.retrieval.temperature: set model.variants.x.temperature instead",
         ),
         ({"x": {"kind": "two_tower", "options": {"tasks": {}}}}, "model.variants.x.options.tasks: not a parameter"),
-        ({"x": {"dimm": 3}}, "model.variants.x: dimm: Extra inputs are not permitted"),
+        ({"x": {"dimm": 3}}, "model.variants.x: dimm: unknown key (did you mean 'dim'?)"),
     ],
 )
 def test_preflight_checks_the_variants_task_settings_too(variants, message):

@@ -170,7 +170,7 @@ def test_scrape_target_is_healthy(prom: PrometheusServer) -> None:
 
 
 def test_alert_rules_evaluate_cleanly_on_live_series(prom: PrometheusServer) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 180  # rules evaluate every second; a loaded machine may take much longer
     while True:
         rules = {rule["name"]: rule for rule in prom.rules()}
         evaluated = all(not rule["lastEvaluation"].startswith("0001-") for rule in rules.values())

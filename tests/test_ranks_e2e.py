@@ -46,12 +46,21 @@ def _worker_pid(agent: int, rank: int) -> int | None:
 
 
 def _wait_for_checkpoint(data: Path, proc: subprocess.Popen, timeout_s: float = 120.0) -> bool:
-    """Wait until every rank saved a checkpoint and trained a little more (or the job exited)."""
+    """Wait until every rank saved a checkpoint and then trained a few more batches (or the job exited): a kill
+    then loses trained, unsaved work."""
+
+    def trained_lines() -> int:
+        return sum(len(p.read_text().splitlines()) for p in data.glob("rank*/processed.log"))
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         if all(any((data / f"rank{r}" / "checkpoints").glob("ckpt-*.pt")) for r in (0, 1)):
-            time.sleep(1.5)  # a few steps past the checkpoint: the kill loses trained, unsaved work
-            return True
+            at_checkpoint = trained_lines()
+            while time.monotonic() < deadline and proc.poll() is None:
+                if trained_lines() >= at_checkpoint + 3:
+                    return True
+                time.sleep(0.05)
+            return False
         time.sleep(0.1)
     return False
 
@@ -80,7 +89,7 @@ def _final_models(cfg: Path, data: Path) -> list:
 
 
 def _check_milvus_equals(model, uri: str) -> None:  # noqa: ANN001
-    client = MilvusClient(uri=uri)
+    client = MilvusClient(uri=uri, timeout=60, dedicated=True)  # a fresh connection, closed by close()
     try:
         for role, ids, embed in (
             ("items", model.known_items(), model.item_embeddings),

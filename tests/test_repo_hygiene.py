@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.markdown import github_anchors, relative_links
+
 ROOT = Path(__file__).resolve().parents[1]
 # home/work/scratch directories and temporary files of one machine; container paths (/opt/kafka in the compose
 # file, /etc, /proc in code) are not machine-specific
@@ -44,6 +46,39 @@ def test_the_pattern_catches_what_it_should() -> None:
     hits = [bool(MACHINE_PATH.search(s)) for s in (machine_data, "'/home/ann/x'", "/tmp/run.log", "a/tmp/b")]
     assert hits == [True, True, True, False]
     assert not MACHINE_PATH.search("/opt/kafka/bin/kafka.sh") and not MACHINE_PATH.search("https://x.org/home/a")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
+    """Files exist, and ``#anchors`` name a heading of the file they point into (the README's sections moved to
+    docs/: links, alert runbook URLs and the docs' cross-references must follow)."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for target in relative_links(text):
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in github_anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_stays_a_five_minute_read() -> None:
+    """What a newcomer needs, and nothing that belongs in docs/ (benchmarks, runbooks, the model's details)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text) < 10_000, f"{len(text)} characters"
+    for needed in ("make demo", "make test", "ebrflow query", "ebrflow replay", "docker compose", "QueryClient"):
+        assert needed in text, needed
+    assert "Runbook" not in text and "results:start" not in text
+
+
+def test_build_and_install_output_is_ignored() -> None:
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["build/lib/ebrflow/cli.py", "ebrflow.egg-info/PKG-INFO", ".venv/bin/ebrflow", "ebrflow_data/ebrflow.lock"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths
 
 
 def _make(*args: str) -> str:

@@ -1,6 +1,7 @@
 """The Milvus sink writes jobs in submission order, a failing job blocks the ones behind it, and a stop while
-failing drops them (nothing unacknowledged is reported done); the overlap never lets a commit pass an
-unacknowledged upsert (real broker and Milvus Lite)."""
+failing drops them (nothing unacknowledged is reported done): these three drive the sink alone, with a
+``FakeStore`` stand-in for Milvus. The overlap test runs the whole trainer on the real broker and Milvus Lite: it
+never lets a commit pass an unacknowledged upsert."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tests.faults import Intercepted, send_events, trained_count, wait_for
 
 
 class FakeStore:
-    """Records upserts; fails while ``failing`` is set."""
+    """A stand-in for ``MilvusStore``: records upserts (taking 2 ms each, like a small write), fails while
+    ``failing`` is set."""
 
     items, users = "items", "users"
 
@@ -124,11 +126,12 @@ def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings)
         assert wait_for(lambda: trained_count(trainer) == 2000, 90)
         gated.held.set()
         send_events(settings, 2000, 2000)
-        time.sleep(4)  # the trainer keeps training up to the queue depth, then pauses
+        # the trainer keeps training while the upsert is held, up to the queue depth, then pauses
+        depth = trainer.pipeline.publish_depth
+        assert wait_for(lambda: trainer.pipeline.sink.in_flight == depth, 120), trainer.pipeline.sink.in_flight
         seen_committed = committed()
         acked = {p: o for (_, p), o in trainer.pipeline.offsets.items()}
-        # overlap: the trainer went on training while the upsert was held, up to the queue depth
-        assert trainer.pipeline.sink.in_flight == trainer.pipeline.publish_depth
+        assert trainer.pipeline.sink.in_flight == depth  # and stays paused there
         for p, off in seen_committed.items():
             assert off <= acked.get(p, 0), f"partition {p}: committed {off} past acknowledged {acked.get(p)}"
         assert trained_count(trainer) == 2000  # nothing counts as trained before Milvus acknowledges it
