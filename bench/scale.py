@@ -152,9 +152,9 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     prefill = int(math.ceil(cfg["events_per_node"] * n_nodes / chunk)) * chunk
     options = dict(cfg.get("model_options") or {})
     model = build_model(ModelConfig(device="cpu", threads=cfg["torch_threads"], options=options))
-    inner = model.model  # PopularityPrior → SSMTLModel
+    inner, block = model, model.spectral  # the SSMTL model and its spectral block
     # the interval between the priming and the timed refit is at most this (edges ≤ prefill events)
-    slack = max(inner.spectral_every, int(math.ceil(inner.spectral_growth * prefill)))
+    slack = max(block.every, int(math.ceil(block.growth * prefill)))
     tail = slack + cfg["window"] + (batch_size if cfg.get("profile") else 0)
     t0 = time.perf_counter()
     gen = SyntheticStream(users=n_nodes // 2, items=n_nodes - n_nodes // 2, seed=7)
@@ -169,25 +169,25 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     items = np.concatenate([c.item_ids for c in rest])
     ts = np.concatenate([c.ts_ms for c in rest])
     t0 = time.perf_counter()
-    inner.refit_spectral()  # untimed: the first fit (ARPACK from scratch), which a warm refit starts from
-    prime_s, prime_edges = time.perf_counter() - t0, int(inner._fitted_edges)
-    interval = int(math.ceil(max(inner.spectral_every, inner.spectral_growth * prime_edges)))
+    block.refit()  # untimed: the first fit (ARPACK from scratch), which a warm refit starts from
+    prime_s, prime_edges = time.perf_counter() - t0, int(block.fitted_edges)
+    interval = int(math.ceil(max(block.every, block.growth * prime_edges)))
     inner.ingest(Batch.of(users[:interval], items[:interval], ts_ms=ts[:interval]))
     users, items, ts = users[interval:], items[interval:], ts[interval:]
     live_users, live_items = inner.graph.n_rows(0), inner.graph.n_rows(inner.graph.item_type)
     t0 = time.perf_counter()
-    inner.refit_spectral()  # timed: warm-started from the first fit iff spectral_iters > 0
-    refit_s, edges = time.perf_counter() - t0, int(inner._fitted_edges)
+    block.refit()  # timed: warm-started from the first fit iff spectral_iters > 0
+    refit_s, edges = time.perf_counter() - t0, int(block.fitted_edges)
 
     refits: list[float] = []
-    refit = inner.refit_spectral
+    refit = block.refit
 
     def timed_refit() -> None:
         t = time.perf_counter()
         refit()
         refits.append(time.perf_counter() - t)
 
-    inner.refit_spectral = timed_refit  # refits inside fit_batch are timed apart from the steady step
+    block.refit = timed_refit  # refits inside fit_batch are timed apart from the steady step
     store = MilvusStore(connect(str(workdir / "milvus.db")), model.dim)
     store.ensure_collections()
     publisher = Publisher(store)
@@ -224,7 +224,7 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
             "profile_cumulative": _profile_text(prof, "cumulative", 15),
             "profile_tottime": _profile_text(prof, "tottime", 15),
         }
-    due = max(inner.spectral_every, inner.spectral_growth * edges)
+    due = max(block.every, block.growth * edges)
     every = int(math.ceil(due / batch_size)) * batch_size  # the check runs once per batch
     steady = (t_fit - sum(window_refits) + t_embed + t_publish) / n * 1e6
     return {
@@ -236,7 +236,7 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         "prime_refit_s": prime_s,
         "prime_edges": prime_edges,
         "interval_events": interval,
-        "spectral_iters": int(inner.spectral_iters),
+        "spectral_iters": int(block.iters),
         "edges": edges,
         "refit_s": refit_s,
         "refit_due_events": due,
@@ -257,7 +257,6 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         "peak_rss_mib": proc_status_kib("VmHWM") / 1024,
         "torch_threads": torch.get_num_threads(),
         "model": type(inner).__name__,
-        "bounded": bool(inner.bounded()),
         **profile,
     }
 

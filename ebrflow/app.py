@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -46,44 +46,47 @@ from ebrflow.stream.schema import EventCodec
 from ebrflow.stream.shadow import Variant, variant_prefix
 
 log = logging.getLogger(__name__)
+POPULARITY_SCALE = 0.1  # weight of log recent popularity when model.popularity_scale is unset
 
 
 def build_model(cfg: ModelConfig) -> RetrievalModel:
-    """The configured model; ``options`` go to its constructor as extra keyword arguments.
+    """The configured model, ``cfg.dim`` coordinates wide; ``options`` go to its constructor as keyword arguments.
 
-    ``graph="user_user"`` makes the SSMTL graph user–user with both edge directions stored; ``temperature`` is
-    the two-tower softmax temperature, or SSMTL's retrieval task's (``options.tasks.retrieval``).
-    With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
-    smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
+    SSMTL serves its popularity block itself (``popularity_*``); the two-tower model is wrapped in
+    ``PopularityPrior`` (built one dimension smaller) when ``popularity_half_life`` > 0. ``graph="user_user"`` makes
+    the SSMTL graph user–user with both edge directions stored; ``temperature`` is the softmax temperature of the
+    two-tower model or of SSMTL's retrieval task (None: the model's own).
     """
     torch.set_num_threads(cfg.threads)
     threadpool_limits(cfg.threads)  # BLAS too (spectral refits): oversubscribed BLAS threads cost up to 8x here
-    prior = cfg.popularity_half_life > 0
-    common = dict(
-        dim=cfg.dim - 1 if prior else cfg.dim,
-        steps_per_batch=cfg.steps_per_batch,
-        device=cfg.device,
-        seed=cfg.seed,
-    )
+    common: dict[str, Any] = dict(steps_per_batch=cfg.steps_per_batch, device=cfg.device, seed=cfg.seed)
     if cfg.lr is not None:
         common["lr"] = cfg.lr
+    scale = POPULARITY_SCALE if cfg.popularity_scale is None else cfg.popularity_scale
     if cfg.kind == "ssmtl":
         from ebrflow.model.ssmtl import DEFAULT_TASKS, SSMTLModel
 
         graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
         options = {**graph, **cfg.options}
         tasks = {name: dict(settings) for name, settings in options.pop("tasks", DEFAULT_TASKS).items()}
-        if "retrieval" in tasks:
-            tasks["retrieval"]["temperature"] = cfg.temperature
-        model: RetrievalModel = SSMTLModel(**common, **options, tasks=tasks)
-    else:
-        model = TwoTowerModel(**common, temperature=cfg.temperature, **cfg.options)
-    scale = cfg.temperature if cfg.popularity_scale is None else cfg.popularity_scale
-    return (
-        PopularityPrior(model, cfg.popularity_half_life, scale=scale, lifetime=cfg.popularity_lifetime)
-        if prior
-        else model
-    )
+        if "retrieval" in tasks and cfg.temperature is not None:
+            tasks["retrieval"].setdefault("temperature", cfg.temperature)
+        popularity = dict(
+            popularity_half_life=cfg.popularity_half_life,
+            popularity_scale=scale,
+            popularity_lifetime=cfg.popularity_lifetime,
+        )
+        return SSMTLModel(dim=cfg.dim, **common, **popularity, **options, tasks=tasks)
+    prior = cfg.popularity_half_life > 0
+    if cfg.temperature is not None:
+        common["temperature"] = cfg.temperature
+    model = TwoTowerModel(dim=cfg.dim - 1 if prior else cfg.dim, **common, **cfg.options)
+    if not prior:
+        return model
+    return PopularityPrior(model, cfg.popularity_half_life, scale=scale, lifetime=cfg.popularity_lifetime)
+
+
+HELD_OUT_SHARE, HELD_OUT_MAX = 0.01, 10_000  # a backfill's latest events that choose the served blend
 
 
 def backfill_file(
@@ -98,30 +101,35 @@ def backfill_file(
 ) -> tuple[RetrievalModel, EventArrays, BackfillSummary]:
     """What ``ebrflow backfill`` trains: ``build_model(settings.model)``, then ``epochs`` passes over the file's
     events in time order, in batches of ``settings.batch.max_events`` (``model.backfill``: ``max_seconds`` stops
-    after the batch that crosses the budget; ``spectral_refits`` chooses the refit schedule). Returns the model,
-    the events and the summary; saves nothing."""
+    after the batch that crosses the budget; ``spectral_refits`` chooses the refit schedule). A model that chooses
+    its served blend (SSMTL) keeps the file's latest 1% of events (at most 10,000) out of the epochs: they choose
+    the blend, then it trains on them once. Returns the model, the events and the summary; saves nothing."""
     from ebrflow.model.backfill import backfill
     from ebrflow.model.base import Batch
     from ebrflow.stream.replay import as_arrays, read_events
 
     events = as_arrays(read_events(path, fmt))
     size = settings.batch.max_events
-
-    def batches() -> Iterator[Batch]:
-        for start in range(0, len(events), size):
-            stop = start + size
-            yield Batch.of(events.user_ids[start:stop], events.item_ids[start:stop], ts_ms=events.ts_ms[start:stop])
-
     model = build_model(settings.model)
-    total = -(-len(events) // size)
+    selector = getattr(model, "selector", None)
+    held = min(HELD_OUT_MAX, int(HELD_OUT_SHARE * len(events))) if selector and len(selector.candidates) > 1 else 0
+    held = held if held >= 200 else 0
+    trained = len(events) - held
+
+    def chunks(start: int, stop: int) -> Iterator[Batch]:
+        for s in range(start, stop, size):
+            e = slice(s, min(s + size, stop))
+            yield Batch.of(events.user_ids[e], events.item_ids[e], ts_ms=events.ts_ms[e])
+
     summary = backfill(
         model,
-        batches,
+        lambda: chunks(0, trained),
         epochs,
         progress=progress,
         max_seconds=max_seconds,
-        total_batches=total,
+        total_batches=-(-trained // size),
         spectral_refits=spectral_refits,
+        held_out=list(chunks(trained, len(events))),
     )
     return model, events, summary
 

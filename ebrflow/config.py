@@ -233,14 +233,14 @@ class ModelConfig(Section):
     # (messaging, friend recommendation); user_user stores each edge in both directions
     graph: Literal["bipartite", "user_user"] = "bipartite"
     dim: int = Field(64, ge=2)  # at most MAX_DIM, Milvus' limit
-    lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.0003)
-    temperature: float = Field(0.1, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: the model's own default (two_tower 0.05, ssmtl 0.001)
+    temperature: float | None = Field(None, gt=0)  # None: the model's own (two_tower 0.1, ssmtl retrieval 0.12)
     steps_per_batch: int = Field(1, ge=0)  # 0: no gradient steps (training-free parts only)
     device: str = "auto"
     threads: int = Field(1, ge=1)  # torch intra-op threads; >1 oversubscribes small per-batch steps (see bench)
     seed: int = 0
     popularity_half_life: float = Field(1000.0, ge=0)  # events; 0 turns the served recent-popularity prior off
-    popularity_scale: float | None = Field(None, ge=0)  # weight of log recent popularity (None: = temperature)
+    popularity_scale: float | None = Field(None, ge=0)  # weight of log recent popularity (None: 0.1)
     popularity_lifetime: float = Field(0.0, ge=0, le=1)  # share of lifetime popularity mixed into the recent share
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for the model class
     # shadow A/B: name → overrides of the keys above (e.g. {kind = "two_tower"}); each variant trains on the same

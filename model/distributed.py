@@ -3,7 +3,7 @@
 Each step every rank contributes its local events (possibly none); ``ReplicatedTrainer.step``
 
 1. all-gathers them in rank order (32 bytes per event: user, item, ts, weight), so every replica ingests the same
-   global batch into the same graph (the spectral refits, table growth, reservoir and sampling RNG follow);
+   global batch into the same graph (blend scoring, spectral refits, table growth, reservoir and RNG follow);
 2. trains each chunk of the global events (``max_step_size`` per rank) data-parallel: rank r computes the loss on
    every ``world``-th event of the chunk, its own subgraph sampled with a seed drawn from the shared RNG;
 3. averages the gradients: dense ones with one all-reduce (which also carries the guard's "not finite" flag and
@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from ebrflow.model.base import Batch, TrainReport
-from ebrflow.model.prior import PopularityPrior
 from ebrflow.model.ssmtl import SSMTLModel
 from ebrflow.model.training import StepResult, train_chunks
 
@@ -60,16 +59,14 @@ class CommStats:
 class ReplicatedTrainer:
     """Runs ``SSMTLModel`` data-parallel across the ranks of the default process group (see the module doc).
 
-    ``served`` is what is published and checkpointed: the SSMTL model, or a ``PopularityPrior`` around it (the
-    default configuration), whose popularity counts then follow the global batch too.
+    ``served`` is what is published and checkpointed: the SSMTL model itself (its blocks and blend follow the global
+    batch on every rank alike).
     """
 
-    def __init__(self, model: SSMTLModel | PopularityPrior, group: dist.ProcessGroup | None = None) -> None:
-        self.served = model
-        inner = model.model if isinstance(model, PopularityPrior) else model
-        if not isinstance(inner, SSMTLModel):
-            raise TypeError(f"ranks train the SSMTL model (model.kind = 'ssmtl'), not {type(inner).__name__}")
-        self.model = inner
+    def __init__(self, model: SSMTLModel, group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(model, SSMTLModel):
+            raise TypeError(f"ranks train the SSMTL model (model.kind = 'ssmtl'), not {type(model).__name__}")
+        self.served = self.model = model
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -129,8 +126,7 @@ class ReplicatedTrainer:
             return TrainReport(loss=float("nan"), steps=0)
         t0 = time.perf_counter()
         comm0 = self.stats.seconds
-        u, i = m.ingest(batch)
-        m._maybe_refit(len(batch))
+        u, i = m.absorb(batch)
         self.stats.replicated_seconds += time.perf_counter() - t0
         ru, ri, rw = m.reservoir.sample(int(round(m.replay_ratio * len(batch))), m._rng)
         m.reservoir.add(u, i, batch.weights)
@@ -143,8 +139,6 @@ class ReplicatedTrainer:
             m.max_step_size * self.world,
             min_step_size=2 * self.world,
         )
-        if isinstance(self.served, PopularityPrior):
-            self.served.count(batch)
         self.stats.steps += 1
         self.stats.compute_seconds += (time.perf_counter() - t0) - (self.stats.seconds - comm0)
         return report
@@ -161,8 +155,8 @@ class ReplicatedTrainer:
         ok = all(torch.isfinite(v) for v in losses.values())
         task_w = m.balancer.combine(losses, m.encoder.shared_parameters()) if ok else dict.fromkeys(names, 0.0)
         total = sum(task_w[n] * losses[n] for n in names)
-        if ok and m.residual_l2 > 0:
-            total = total + m.residual_l2 * m._residual_norm(u, i)
+        if ok and m.l2 > 0:
+            total = total + m.l2 * m.root_norm(u, i)
         ok = ok and bool(torch.isfinite(total))
         if ok:
             total.backward()
@@ -178,7 +172,7 @@ class ReplicatedTrainer:
         return StepResult(synced[0], dict(zip(names, synced[1 : 1 + k])), dict(zip(names, synced[1 + k :])))
 
     def _dense(self) -> list[torch.nn.Parameter]:
-        return self.model.encoder.dense_parameters() + list(self.model.tasks.parameters())
+        return list(self.model.tasks.parameters())
 
     def _sync_gradients(self, bad: bool, figures: list[float]) -> list[float] | None:
         """Average every gradient across ranks in place; None when any rank's loss or gradient was not finite."""
@@ -255,7 +249,7 @@ def verify_replicas(trainer: ReplicatedTrainer) -> bool:
     return False
 
 
-def replica_digest(model: SSMTLModel | PopularityPrior) -> str:
+def replica_digest(model: SSMTLModel) -> str:
     """SHA-256 of every tensor a replica holds (parameters, buffers, optimiser moments, graph) and its version."""
     h = hashlib.sha256()
 

@@ -1,7 +1,7 @@
-"""Graph encoder: id (+ side-feature) inputs, mean aggregation over sampled neighbours, L2-normalised output.
+"""The learned block's graph encoder: free id embeddings propagated by parameter-free LightGCN layers.
 
-Two propagations: ``sage`` (the seed's GraphSAGE-style layers with dense transforms) and ``lightgcn``
-(parameter-free: a layer's output is the mean of the neighbours' states, no transform, no nonlinearity).
+A layer's output is the (weighted) sum of the neighbours' states: no transform, no nonlinearity, so every
+parameter is an id embedding and a served vector is a fixed linear function of a bounded set of them.
 """
 
 from __future__ import annotations
@@ -129,14 +129,12 @@ def combine_layers(outs: list[torch.Tensor], weights: tuple[float, ...] | None) 
 
 
 class GraphEncoder(torch.nn.Module):
-    """Per node type an id table (sparse grads) plus an optional side-feature projection; shared dense layers.
+    """Per node type a free id table (sparse gradients), propagated by ``n_layers`` parameter-free LightGCN layers.
 
-    The output is the L2-normalised mean of the root's states after 0..n_layers layers (LightGCN's layer
-    combination), so a node with few events still gets most of its embedding from its neighbours.
-    ``propagation`` picks the layers ("sage": dense transforms; "lightgcn": parameter-free ``NeighbourMean``).
-    ``query_layers``/``key_layers`` (None: the mean) weight the layer states of user-side (query) and item-side
-    (key) roots. A node's layer-0 input is its id embedding plus a fixed ``base`` vector when one is set
-    (e.g. spectral embeddings of the live graph, see ``model.spectral``); ``init_std`` 0 starts ids at zero.
+    ``propagate`` combines the root's states after 0..n layers: with ``weights`` (the served ``layer_weights``,
+    LightGCN's pooling of layers 0 and 1 by default) or, without, their mean (the self-supervised tasks' deeper
+    sampled trees). Tables start near zero (``init_std``): Adam's fixed step size then moves a row a long way
+    relative to its start, which is what makes a few epochs enough (measured in ``../shared/ANCHORS.md``).
     """
 
     def __init__(
@@ -144,77 +142,23 @@ class GraphEncoder(torch.nn.Module):
         dim: int,
         n_types: int,
         n_layers: int = 2,
-        feature_dims: tuple[int, ...] = (),
-        propagation: str = "sage",
-        query_layers: tuple[float, ...] | None = None,
-        key_layers: tuple[float, ...] | None = None,
-        init_std: float = 0.1,
+        layer_weights: tuple[float, ...] = (0.5, 0.5),
+        init_std: float = 0.005,
     ) -> None:
         super().__init__()
-        if propagation not in ("sage", "lightgcn"):
-            raise ValueError(f"unknown propagation {propagation!r}")
         self.dim = dim
         self.n_layers = n_layers
-        self.propagation = propagation
-        self.role_layers = {"query": query_layers, "key": key_layers}
+        self.layer_weights = tuple(layer_weights)
         self.tables = torch.nn.ModuleList([GrowableEmbedding(dim, init_std=init_std) for _ in range(n_types)])
-        dims = tuple(feature_dims) + (0,) * (n_types - len(feature_dims))
-        self.feature_dims = dims
-        self.projections = torch.nn.ModuleList([torch.nn.Linear(max(d, 1), dim, bias=False) for d in dims])
-        for t, d in enumerate(dims):
-            self.register_buffer(f"features_{t}", torch.zeros(1024 if d else 0, d))
-        for t in range(n_types):
-            self.register_buffer(f"base_{t}", torch.zeros(0, dim))
-        make = (lambda: MeanAggregation(dim)) if propagation == "sage" else NeighbourMean
-        self.layers = torch.nn.ModuleList([make() for _ in range(n_layers)])
-
-    def base(self, node_type: int) -> torch.Tensor:
-        """The fixed layer-0 vectors of ``node_type`` (rows × dim; empty when none are set)."""
-        return getattr(self, f"base_{node_type}")
-
-    def set_base(self, node_type: int, values: torch.Tensor) -> None:
-        """Replace the fixed layer-0 vectors of ``node_type`` (rows beyond them get none)."""
-        setattr(self, f"base_{node_type}", values.to(self.tables[0].weight.device, torch.float32))
+        self.layers = torch.nn.ModuleList([NeighbourMean() for _ in range(n_layers)])
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters every task shares, MGDA's target: aggregation layers and feature projections, or the id
-        tables when the propagation has no parameters (``lightgcn``)."""
-        layers = list(self.layers.parameters()) or [t.weight for t in self.tables]
-        return layers + [
-            p for t, proj in enumerate(self.projections) if self.feature_dims[t] for p in proj.parameters()
-        ]
-
-    def dense_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters with dense gradients (for Adam)."""
-        return list(self.layers.parameters()) + list(self.projections.parameters())
-
-    def features(self, node_type: int) -> torch.Tensor:
-        """The side-feature matrix of ``node_type`` (rows × feature dim; zero rows where unset)."""
-        return getattr(self, f"features_{node_type}")
-
-    def set_features(self, node_type: int, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Store side features for ``rows`` of ``node_type``; the matrix grows as needed."""
-        feats = self.features(node_type)
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need > len(feats):
-            grown = torch.zeros(max(need, 2 * len(feats)), feats.shape[1], device=feats.device)
-            grown[: len(feats)] = feats
-            setattr(self, f"features_{node_type}", grown)
-        self.features(node_type)[rows] = values.to(feats.device, feats.dtype)
+        """The parameters every task shares (MGDA's target): the id tables."""
+        return [t.weight for t in self.tables]
 
     def inputs_of(self, rows: torch.Tensor, node_type: int) -> torch.Tensor:
-        """Layer-0 input of ``rows``: id embedding plus projected side features (when configured)."""
-        x = self.tables[node_type](rows)
-        base = self.base(node_type)
-        if len(base):
-            inside = rows < len(base)
-            x = x + base[rows.clamp_max(len(base) - 1)] * inside.unsqueeze(-1)
-        if self.feature_dims[node_type]:
-            feats = self.features(node_type)
-            inside = rows < len(feats)
-            f = feats[rows.clamp_max(max(len(feats) - 1, 0))] * inside.unsqueeze(-1)
-            x = x + self.projections[node_type](f)
-        return x
+        """Layer-0 input of ``rows``: their id embeddings."""
+        return self.tables[node_type](rows)
 
     def inputs(self, tree: Tree) -> list[torch.Tensor]:
         """Layer-0 inputs of every hop of ``tree``."""
@@ -245,14 +189,16 @@ class GraphEncoder(torch.nn.Module):
         masks: list[torch.Tensor],
         noise: float = 0.0,
         gen: torch.Generator | None = None,
-        role: str | None = None,
         coefs: list[torch.Tensor] | None = None,
+        served: bool = False,
+        normalise: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the layers bottom-up over the tree; returns (normalised root embedding, hop-1 states after layer 1).
+        """Run the layers bottom-up over the tree; returns (root embedding, hop-1 states after layer 1).
 
-        ``noise`` > 0 perturbs every layer's output (SimGCL views); ``role`` ("query"/"key") picks the layer
-        weights of that side (None: the mean over layers); ``coefs`` are the tree's edge weights (``Tree.coefs``).
-        A tree shallower than the layers stops early: its role's weights must be zero past its depth.
+        ``served`` combines the layer states with ``layer_weights`` (a served tree is one hop deep), otherwise
+        with their mean; ``normalise`` L2-normalises the root (training compares cosines, serving uses the raw
+        pooled vector, whose length carries popularity). ``noise`` > 0 perturbs every layer's output (SimGCL
+        views); ``coefs`` are the tree's edge weights (``Tree.coefs``).
         """
         hs, outs, hop1 = list(xs), [xs[0]], xs[1] if len(xs) > 1 else xs[0]
         for k, layer in enumerate(self.layers):
@@ -265,78 +211,9 @@ class GraphEncoder(torch.nn.Module):
             outs.append(hs[0])
             if k == 0 and len(hs) > 1:
                 hop1 = hs[1]
-        weights = self.role_layers.get(role) if role else None
-        return F.normalize(combine_layers(outs, weights), dim=-1), hop1
+        root = combine_layers(outs, self.layer_weights if served else None)
+        return (F.normalize(root, dim=-1) if normalise else root), hop1
 
     def forward(self, tree: Tree) -> torch.Tensor:
-        """Normalised embeddings of the tree's roots."""
+        """Normalised embeddings of the tree's roots (layer mean)."""
         return self.propagate(self.inputs(tree), tree.masks)[0]
-
-    @torch.no_grad()
-    def all_inputs(self, node_type: int, n_rows: int, chunk: int = 8192) -> torch.Tensor:
-        """Layer-0 inputs of rows 0..n_rows-1 of ``node_type``."""
-        dev = self.tables[0].weight.device
-        parts = [
-            self.inputs_of(torch.arange(s, min(s + chunk, n_rows), device=dev), node_type)
-            for s in range(0, n_rows, chunk)
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0, self.dim, device=dev)
-
-    @torch.no_grad()
-    def infer_roles(
-        self,
-        inputs: tuple[torch.Tensor, torch.Tensor],
-        query_adj: torch.Tensor,
-        key_adj: torch.Tensor,
-        normalise_keys: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-graph LightGCN propagation: (query vectors of every user row, key vectors of every item row).
-
-        ``inputs`` = (layer-0 user states, layer-0 item states); ``query_adj`` (users × items) and ``key_adj``
-        (items × users) are the normalised sparse adjacencies. Layer l+1 of a user is ``query_adj`` times layer l
-        of the items (and vice versa); each role combines its layers with its weights. Queries are L2-normalised;
-        keys only with ``normalise_keys`` (otherwise their length carries how central an item is).
-        """
-        users, items = [inputs[0]], [inputs[1]]
-        for _ in range(self.n_layers):
-            users, items = (
-                users + [torch.sparse.mm(query_adj, items[-1])],
-                items + [torch.sparse.mm(key_adj, users[-1])],
-            )
-        query = combine_layers(users, self.role_layers["query"])
-        key = combine_layers(items, self.role_layers["key"])
-        return F.normalize(query, dim=-1), F.normalize(key, dim=-1) if normalise_keys else key
-
-    @torch.no_grad()
-    def infer(
-        self,
-        rows: np.ndarray,
-        node_type: int,
-        adjacency: dict[int, torch.Tensor],
-        other: dict[int, int],
-        chunk: int = 8192,
-    ) -> torch.Tensor:
-        """Deterministic embeddings using every buffered neighbour, layer by layer over the whole graph.
-
-        ``adjacency[t]`` is the row-normalised sparse matrix of type-t nodes over their neighbours and
-        ``other[t]`` the neighbours' type (see ``GraphStore.adjacency``).
-        """
-        types = sorted(adjacency)
-        dev = self.tables[0].weight.device
-        states = {
-            t: [
-                torch.cat(
-                    [
-                        self.inputs_of(torch.arange(s, min(s + chunk, adjacency[t].shape[0]), device=dev), t)
-                        for s in range(0, max(adjacency[t].shape[0], 1), chunk)
-                    ]
-                )[: adjacency[t].shape[0]]
-            ]
-            for t in types
-        }
-        for layer in self.layers:
-            nxt = {t: layer(states[t][-1], torch.sparse.mm(adjacency[t], states[other[t]][-1])) for t in types}
-            for t in types:
-                states[t].append(nxt[t])
-        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
-        return F.normalize(torch.stack([s[idx] for s in states[node_type]]).mean(dim=0), dim=-1)

@@ -168,12 +168,6 @@ class EdgeLog:
         self._pending = []
 
 
-def _torch_sparse(m: sp.coo_matrix) -> torch.Tensor:
-    idx = torch.from_numpy(np.stack([m.row, m.col]).astype(np.int64))
-    vals = torch.from_numpy(m.data.astype(np.float32))
-    return torch.sparse_coo_tensor(idx, vals, m.shape, check_invariants=False).coalesce()
-
-
 class GraphStore:
     """Bipartite user–item or user–user interaction graph fed by events, with TTL eviction and fanout sampling.
 
@@ -319,28 +313,16 @@ class GraphStore:
             types.append(self.other(t))
         return level_rows, masks, types
 
-    def adjacency(self, node_type: int) -> torch.Tensor:
-        """Row-normalised sparse (rows × neighbour rows) matrix over every buffered, unexpired edge."""
-        n, m = self.n_rows(node_type), self.n_rows(self.other(node_type))
-        rb = self.buffers[node_type]
-        valid = rb.valid(np.arange(n), self.cutoff())
-        r, c = np.nonzero(valid)
-        deg = np.maximum(valid.sum(axis=1), 1).astype(np.float32)
-        idx = torch.from_numpy(np.stack([r, rb.nbr[r, c]]))
-        vals = torch.from_numpy(1.0 / deg[r])
-        return torch.sparse_coo_tensor(idx, vals, (n, m), check_invariants=False).coalesce()
-
-    def edges(self, recency_half_life: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every buffered, unexpired edge of the user side as (user rows, neighbour rows, weights).
+    def neighbours(
+        self, node_type: int, rows: np.ndarray, recency_half_life: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Buffered, unexpired neighbours of ``rows`` of ``node_type``: (positions in ``rows``, neighbour rows,
+        weights), O(rows × capacity).
 
         With ``recency_half_life`` > 0 an edge's weight halves for every ``recency_half_life`` newer neighbours
-        in the same user's buffer (its most recent interaction weighs 1); otherwise every weight is 1.
+        in the same row's buffer (its most recent interaction weighs 1); otherwise every weight is 1.
         """
-        return self.user_edges(np.arange(self.n_rows(USER)), recency_half_life)
-
-    def user_edges(self, rows: np.ndarray, recency_half_life: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ``edges`` of user ``rows`` only: (positions in ``rows``, neighbour rows, weights), O(rows × capacity)."""
-        rb = self.buffers[USER]
+        rb = self.buffers[node_type]
         rows = np.asarray(rows, dtype=np.int64)
         valid = rb.valid(rows, self.cutoff())
         r, c = np.nonzero(valid)
@@ -354,25 +336,18 @@ class GraphStore:
             w = 0.5 ** (rank[r, c] / recency_half_life)
         return r, rb.nbr[rows[r], c], w
 
-    def interaction_matrix(self, recency_half_life: float = 0.0) -> sp.csr_matrix:
-        """(users × neighbour rows) sparse matrix of ``edges`` (binary unless ``recency_half_life`` > 0)."""
-        r, c, w = self.edges(recency_half_life)
-        shape = (self.n_rows(USER), self.n_rows(self.other(USER)))
-        return sp.csr_matrix((w, (r, c)), shape=shape)
+    def user_edges(self, rows: np.ndarray, recency_half_life: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``neighbours`` of user ``rows`` (the user side of every event)."""
+        return self.neighbours(USER, rows, recency_half_life)
 
-    def lightgcn_adjacency(self, recency_half_life: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetric-normalised sparse adjacencies (users × items, items × users) for full-graph propagation.
-
-        ``D_u^(-1/2) · W · D_i^(-1/2)`` with degrees counted on the binary user-side buffers; ``W`` carries the
-        recency weights on the user → item direction only (an item's users all count the same).
-        """
-        binary = self.interaction_matrix()
-        weighted = self.interaction_matrix(recency_half_life) if recency_half_life > 0 else binary
-        du = np.maximum(np.asarray(binary.sum(axis=1)).ravel(), 1.0) ** -0.5
-        di = np.maximum(np.asarray(binary.sum(axis=0)).ravel(), 1.0) ** -0.5
-        query = (sp.diags(du) @ weighted @ sp.diags(di)).tocoo()
-        key = (sp.diags(di) @ binary.T @ sp.diags(du)).tocoo()
-        return _torch_sparse(query), _torch_sparse(key)
+    def degree_of(self, node_type: int, rows: np.ndarray) -> np.ndarray:
+        """Distinct neighbours of ``rows`` of ``node_type`` (those a TTL expired excluded), at least 1: the degree
+        of the symmetric LightGCN normalisation, counted even where the ring buffer keeps only the latest."""
+        rb = self.buffers[node_type]
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cutoff() is None:
+            return np.maximum(rb.count[rows], 1)
+        return np.maximum(rb.valid(rows, self.cutoff()).sum(axis=1), 1)
 
     def history_matrix(self) -> sp.csr_matrix:
         """Binary (users × neighbour rows) matrix of every distinct edge within the TTL, from the whole history

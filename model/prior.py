@@ -9,6 +9,51 @@ from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.tables import IdIndex
 
 
+class RecentPopularity:
+    """Each item row's share of recent events (decayed with a half-life of ``half_life`` events), optionally mixed
+    with its lifetime share (``lifetime``): what the served popularity coordinate carries.
+
+    >>> p = RecentPopularity(half_life=100)
+    >>> p.count(np.array([0, 0, 1]))
+    >>> bool(p.log_q(np.array([0]))[0] > p.log_q(np.array([1]))[0])
+    True
+    """
+
+    def __init__(self, half_life: float = 1000.0, lifetime: float = 0.0) -> None:
+        self.half_life = half_life
+        self.lifetime = lifetime
+        self._frequency = ItemFrequency(decay=1.0)
+        self._lifetime = ItemFrequency(decay=1.0)
+
+    def count(self, rows: np.ndarray) -> None:
+        """Count one batch's item rows (the recent counts decay by the batch's length first)."""
+        self._frequency.decay = 0.5 ** (len(rows) / self.half_life)
+        self._frequency.update(rows)
+        self._lifetime.update(rows)
+
+    def log_q(self, rows: np.ndarray) -> np.ndarray:
+        """Log popularity of item ``rows``: the recent share, mixed with the lifetime share by ``lifetime``.
+
+        An item absent from recent events otherwise gets the floor share (1e-9) whatever its history; the lifetime
+        share backs such items off to how popular they have been (in a file replayed in random order, recency is
+        noise and the lifetime share is the signal).
+        """
+        if self.lifetime <= 0:
+            return self._frequency.log_q(rows)
+        recent, lifetime = np.exp(self._frequency.log_q(rows)), np.exp(self._lifetime.log_q(rows))
+        mixed = (1.0 - self.lifetime) * recent + self.lifetime * lifetime
+        return np.log(np.maximum(mixed, 1e-9))
+
+    def state_dict(self) -> dict:
+        """Recent and lifetime counts."""
+        return {"frequency": self._frequency.state_dict(), "lifetime": self._lifetime.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()`` (checkpoints without lifetime counts start them from the recent ones)."""
+        self._frequency.load_state_dict(state["frequency"])
+        self._lifetime.load_state_dict(state.get("lifetime", state["frequency"]))
+
+
 class PopularityPrior:
     """Wraps a ``RetrievalModel`` so the served score becomes ``s(u, i) + scale · log q_recent(i)``.
 
@@ -29,13 +74,10 @@ class PopularityPrior:
         self, model: RetrievalModel, half_life: float = 1000.0, scale: float = 0.1, lifetime: float = 0.0
     ) -> None:
         self.model = model
-        self.half_life = half_life
         self.scale = scale
-        self.lifetime = lifetime
         self.dim = model.dim + 1
         self._items = IdIndex()
-        self._frequency = ItemFrequency(decay=1.0)
-        self._lifetime = ItemFrequency(decay=1.0)
+        self.popularity = RecentPopularity(half_life, lifetime)
 
     @property
     def version(self) -> int:
@@ -50,23 +92,7 @@ class PopularityPrior:
 
     def count(self, batch: Batch) -> None:
         """Count the batch's items into the decayed popularity (what ``fit_batch`` adds to the inner model's step)."""
-        self._frequency.decay = 0.5 ** (len(batch) / self.half_life)
-        rows = self._items.add(batch.item_ids)
-        self._frequency.update(rows)
-        self._lifetime.update(rows)
-
-    def log_q(self, rows: np.ndarray) -> np.ndarray:
-        """Log popularity of item ``rows``: the recent share, mixed with the lifetime share by ``lifetime``.
-
-        An item absent from recent events otherwise gets the floor share (1e-9) whatever its history; the lifetime
-        share backs such items off to how popular they have been (in a file replayed in random order, recency is
-        noise and the lifetime share is the signal).
-        """
-        if self.lifetime <= 0:
-            return self._frequency.log_q(rows)
-        recent, lifetime = np.exp(self._frequency.log_q(rows)), np.exp(self._lifetime.log_q(rows))
-        mixed = (1.0 - self.lifetime) * recent + self.lifetime * lifetime
-        return np.log(np.maximum(mixed, 1e-9))
+        self.popularity.count(self._items.add(batch.item_ids))
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
         """The inner user vectors with a trailing 1."""
@@ -76,7 +102,7 @@ class PopularityPrior:
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
         """The inner item vectors with a trailing ``scale · log q_recent``."""
         v = self.model.item_embeddings(item_ids)
-        prior = self.scale * self.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
+        prior = self.scale * self.popularity.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
         return np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
 
     def known_items(self) -> np.ndarray:
@@ -92,16 +118,11 @@ class PopularityPrior:
         return {
             "model": self.model.state_dict(),
             "items": self._items.state_dict(),
-            "frequency": self._frequency.state_dict(),
-            "lifetime": self._lifetime.state_dict(),
+            **self.popularity.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``."""
         self.model.load_state_dict(state["model"])
         self._items.load_state_dict(state["items"])
-        self._frequency.load_state_dict(state["frequency"])
-        if "lifetime" in state:  # checkpoints before the lifetime share start it from the recent counts
-            self._lifetime.load_state_dict(state["lifetime"])
-        else:
-            self._lifetime.load_state_dict(state["frequency"])
+        self.popularity.load_state_dict(state)

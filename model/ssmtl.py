@@ -1,10 +1,15 @@
-"""SSMTL: a graph encoder trained per micro-batch on retrieval plus self-supervised tasks (fixed or MGDA weights).
+"""SSMTL: a LightGCN block trained per micro-batch on retrieval plus self-supervised tasks, served beside
+training-free blocks.
 
-Default encoder (``propagation="lightgcn"``, ``spectral=True``): every node's layer-0 vector is a fixed spectral
-embedding of the live graph (``model.spectral``, refitted every ``spectral_every`` events and rotated onto the
-previous fit) plus a trained free id embedding (zero at first); parameter-free LightGCN layers propagate them over
-the symmetric-normalised live adjacency. A user with 1–5 events is the (recency-weighted) propagation of its
-items' vectors, so it is useful from its first event.
+A served vector is ``[learned | spectral | popularity]``; one inner product adds the three scores:
+- learned: free id embeddings pooled with one LightGCN hop over the node's buffered neighbours, for users and items
+  alike (``½ e + ½ Σ d_self^½ / n_buf · d_nbr^-½ · e_nbr``), trained with an in-batch softmax over cosines;
+  served un-normalised (the length carries popularity). Bounded: O(neighbour capacity) per row, whatever the graph.
+- spectral (``model.spectral_block``): rank-k item-kNN from the live graph, no training, refitted as it grows;
+- popularity (``model.prior.RecentPopularity``): log of each item's recent share of events.
+The user side weights the learned block against the training-free ones, per cold/warm segment, with the mix that
+ranked held-out events best (``model.blend``): a stream is served mostly by the training-free blocks, a catalogue
+trained for epochs by the learned block.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ebrflow.model.balancing import make_balancer
 from ebrflow.model.base import Batch, TrainReport
+from ebrflow.model.blend import CANDIDATES, BlendSelector, candidate_ranks
 from ebrflow.model.encoder import GraphEncoder, Tree
 from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.graph import USER, GraphStore
+from ebrflow.model.prior import RecentPopularity
 from ebrflow.model.replay import Reservoir
-from ebrflow.model.spectral import procrustes, spectral_embeddings
+from ebrflow.model.spectral_block import SpectralBlock
 from ebrflow.model.tables import regrow_optimizer_state
 from ebrflow.model.tasks import Subgraph, Task, parse_tasks
 from ebrflow.model.training import StepResult, finite_step, train_chunks
@@ -32,10 +38,11 @@ from ebrflow.model.two_tower import pick_device
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {"retrieval": {}}  # the ``tasks`` settings when none are given
+BLENDS = {"auto": CANDIDATES, "learned": ((1.0, 0.0),), "free": ((0.0, 1.0),)}
 
 
 class _Optimizers:
-    """SparseAdam (id tables) and Adam (dense parameters) stepped as one, so ``finite_step`` guards both."""
+    """SparseAdam (id tables) and Adam (task heads) stepped as one, so ``finite_step`` guards both."""
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         self.optimizers = optimizers
@@ -56,32 +63,45 @@ class _Optimizers:
             o.step()
 
 
+def split_dims(dim: int, spectral_dim: int | None, popularity: bool) -> tuple[int, int]:
+    """(learned, spectral) columns of a ``dim``-wide served vector; by default the spectral block takes half of
+    what the popularity coordinate leaves (64 → 32 learned, 31 spectral, 1 popularity).
+
+    >>> split_dims(64, None, True), split_dims(64, 0, False)
+    ((32, 31), (64, 0))
+    """
+    rest = dim - int(popularity)
+    spectral = rest // 2 if spectral_dim is None else spectral_dim
+    if not 0 <= spectral <= rest - 2:
+        raise ValueError(f"spectral_dim must leave the learned block at least 2 of the {rest} columns, got {spectral}")
+    return rest - spectral, spectral
+
+
 class SSMTLModel:
     """Self-supervised multi-task graph retrieval model (Snap's SSMTL with ParetoGNN's MGDA), trained incrementally.
 
-    Each ``fit_batch`` adds the events to the live graph, then runs ``steps_per_batch`` passes over the new
-    events mixed with ``replay_ratio``·len(batch) events replayed from a reservoir of past events, in chunks
-    of at most ``max_step_size``. Every step samples a subgraph around the chunk's users and items
-    (``fanouts``), computes each task's loss, weights them ("fixed" or "mgda") and takes one guarded
-    optimiser step: a non-finite loss or gradient skips it and is counted in ``TrainReport.skipped_steps``
-    (``model.training.train_chunks``). ``tasks`` are settings by task name (``model.tasks.registry``, default
-    retrieval only), e.g. ``{"retrieval": {}, "cca_ssg": {"weight": 0.1}}``; ``add_task`` injects built ones.
-    Served embeddings use every buffered neighbour, deterministically: per requested row when ``bounded()``
-    (the default), else by full-graph propagation once per model version. With ``spectral`` every node's layer-0
-    input adds a spectral vector of the live graph (the SVD of ``D_u^-a · R · D_i^-b``, ``spectral_a``/``_b``, singular
-    values to ``spectral_power``), refitted on a schedule that grows with the graph (``spectral_every``,
-    ``spectral_growth``); served keys are scaled by ``d_i^key_degree`` (``key_scale``). ``spectral_iters`` > 0
-    warm-starts each refit from the last one (``model.spectral.warm_svd``: about 3× cheaper at 200k nodes,
-    prequential Recall@20 within 1%) instead of
-    ARPACK from scratch.
+    Each ``fit_batch`` first scores the blends on the batch (held out: not yet trained on), then adds the events to
+    the live graph and runs ``steps_per_batch`` passes over them mixed with ``replay_ratio``·len(batch) events
+    replayed from a reservoir, in chunks of at most ``max_step_size``. A step computes each task's loss on the
+    chunk's subgraph (retrieval trains on exactly the served trees), weights them ("fixed" or "mgda") and takes one
+    guarded optimiser step: a non-finite loss or gradient skips it (``TrainReport.skipped_steps``). ``tasks`` are
+    settings by task name (``model.tasks.registry``), e.g. ``{"retrieval": {}, "cca_ssg": {"weight": 0.1}}``.
+    ``blend``: "auto" (chosen on held-out events), "learned" or "free" (one kind of block only).
     """
 
     def __init__(
         self,
         *,
         dim: int = 64,
-        lr: float = 0.0003,
+        spectral_dim: int | None = None,
+        popularity_half_life: float = 1000.0,
+        popularity_scale: float = 0.1,
+        popularity_lifetime: float = 0.0,
+        blend: Literal["auto", "learned", "free"] = "auto",
+        lr: float = 0.001,
         dense_lr: float = 0.001,
+        l2: float = 1e-5,
+        init_std: float = 0.005,
         fanouts: tuple[int, ...] = (10, 5),
         neighbour_capacity: int = 32,
         ttl_ms: int | None = None,
@@ -93,64 +113,59 @@ class SSMTLModel:
         replay_ratio: float = 0.25,
         steps_per_batch: int = 1,
         max_step_size: int = 2048,
-        user_feature_dim: int = 0,
-        item_feature_dim: int = 0,
-        propagation: Literal["sage", "lightgcn"] = "lightgcn",
-        spectral: bool = True,
         spectral_every: int = 256,
         spectral_growth: float = 0.03,
         spectral_iters: int = 0,
         spectral_a: float = 0.0,
         spectral_b: float = 0.5,
         spectral_power: float = 1.0,
-        query_layers: tuple[float, ...] | None = (0.0, 1.0, 0.0),
-        key_layers: tuple[float, ...] | None = (1.0, 0.0, 0.0),
-        recency_half_life: float = 20.0,
-        normalise_keys: bool = False,
         key_degree: float = 0.0,
-        residual_l2: float = 0.0,
+        recency_half_life: float = 20.0,
+        select_events: int = 256,
+        select_items: int = 1024,
+        cold_max_events: int = 5,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
         specs = parse_tasks(DEFAULT_TASKS if tasks is None else tasks)
         torch.manual_seed(seed)
-        self.dim, self.lr, self.dense_lr, self.fanouts = dim, lr, dense_lr, tuple(fanouts)
+        self.dim, self.lr, self.dense_lr, self.l2, self.fanouts = dim, lr, dense_lr, l2, tuple(fanouts)
         self.replay_ratio, self.steps_per_batch, self.max_step_size = replay_ratio, steps_per_batch, max_step_size
-        self.balancing, self.seed = balancing, seed
+        self.balancing, self.seed, self.recency_half_life = balancing, seed, recency_half_life
+        self.select_events, self.select_items, self.blend = select_events, select_items, blend
+        self.popularity_scale = popularity_scale if popularity_half_life > 0 else 0.0
+        self.learned_dim, spectral_dim = split_dims(dim, spectral_dim, popularity_half_life > 0)
         self.device = pick_device(device)
         self.graph = GraphStore(graph_mode, symmetric, neighbour_capacity, ttl_ms, seed)
-        feature_dims = (user_feature_dim, item_feature_dim) if graph_mode == "bipartite" else (user_feature_dim,)
-        self.propagation, self.spectral, self.spectral_every = propagation, spectral, spectral_every
-        self.spectral_growth, self.spectral_iters, self._fitted_edges = spectral_growth, spectral_iters, 0
-        self.spectral_a, self.spectral_b, self.recency_half_life = spectral_a, spectral_b, recency_half_life
-        self.spectral_power, self.normalise_keys, self.residual_l2 = spectral_power, normalise_keys, residual_l2
-        self.key_degree = key_degree
-        if propagation == "sage":
-            query_layers = key_layers = None
-        self.encoder = GraphEncoder(
-            dim,
-            self.graph.n_types,
-            len(self.fanouts),
-            feature_dims,
-            propagation=propagation,
-            query_layers=query_layers,
-            key_layers=key_layers,
-            init_std=0.0 if spectral else 0.1,
-        ).to(self.device)
-        self._since_refit: int | None = None  # events since the last spectral fit (None: never fitted)
+        self.encoder = GraphEncoder(self.learned_dim, self.graph.n_types, len(self.fanouts), init_std=init_std)
+        self.encoder.to(self.device)
+        self.spectral = SpectralBlock(
+            self.graph,
+            spectral_dim,
+            a=spectral_a,
+            b=spectral_b,
+            power=spectral_power,
+            every=spectral_every,
+            growth=spectral_growth,
+            iters=spectral_iters,
+            key_degree=key_degree,
+            recency_half_life=recency_half_life,
+            seed=seed,
+        )
+        self.popularity = RecentPopularity(popularity_half_life or 1.0, popularity_lifetime)
+        self.selector = BlendSelector(BLENDS[blend], cold_max_events)
+        self.selecting = True  # score blends on each batch before training on it (a backfill's later epochs: off)
         self._version = 0
         self.tasks = torch.nn.ModuleDict()
         self.task_weights: dict[str, float] = {}  # task name → loss weight (fixed balancing)
         for spec in specs:
-            self.add_task(spec.build(dim), spec.weight)
-        # "stream": the growth schedule above; "double": refit only once the events since the last fit reach the
-        # edges it saw (the graph at most doubled: O(log edges) fits while a backfill builds the graph); "off": none
-        self.refit_schedule: Literal["stream", "double", "off"] = "stream"
+            self.add_task(spec.build(self.learned_dim), spec.weight)
         self.frequency = ItemFrequency()
         self.reservoir = Reservoir(reservoir_size, seed)
         self._is_target = np.zeros(0, dtype=bool)
         self._rng = np.random.default_rng(seed)
-        self._cache: tuple[tuple[int, int], dict[int, torch.Tensor]] | None = None
 
     def add_task(self, task: Task, weight: float | None = None) -> None:
         """Train ``task`` too, its loss weighted by ``weight`` under fixed balancing (None: ``task.default_weight``).
@@ -168,7 +183,8 @@ class SSMTLModel:
 
     def _new_optimizer(self) -> _Optimizers:
         sparse = torch.optim.SparseAdam([t.weight for t in self.encoder.tables], lr=self.lr)
-        dense = torch.optim.Adam(self.encoder.dense_parameters() + list(self.tasks.parameters()), lr=self.dense_lr)
+        heads = list(self.tasks.parameters())
+        dense = torch.optim.Adam(heads or [torch.nn.Parameter(torch.zeros(1))], lr=self.dense_lr)
         return _Optimizers(sparse, dense)
 
     @property
@@ -176,17 +192,11 @@ class SSMTLModel:
         """Optimiser steps applied so far."""
         return self._version
 
-    def _grow(self) -> None:
-        sparse = self._optimizer.optimizers[0]
-        for t, table in enumerate(self.encoder.tables):
-            old = table.weight
-            if table.grow_to(self.graph.n_rows(t)):
-                regrow_optimizer_state(sparse, old, table.weight)
+    # -- training ------------------------------------------------------------------------------------------------
 
     def fit_batch(self, batch: Batch) -> TrainReport:
-        """Add the batch to the graph, grow tables for new ids, and train on it mixed with replayed events."""
-        u, i = self.ingest(batch)
-        self._maybe_refit(len(batch))
+        """``absorb`` the batch, then train on it mixed with replayed events."""
+        u, i = self.absorb(batch)
         ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
         self.reservoir.add(u, i, batch.weights)
         users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
@@ -199,73 +209,45 @@ class SSMTLModel:
             min_step_size=2,
         )
 
+    def train_on(self, batch: Batch) -> TrainReport:
+        """Gradient steps on events the graph already holds (a backfill's later epochs), nothing ingested: replaying
+        a file must not churn the ring buffers, recount degrees or popularity, or refill the reservoir."""
+        users, items = self.graph.users.lookup(batch.user_ids), self.graph.items.lookup(batch.item_ids)
+        weights = batch.weights.astype(np.float32)
+        return train_chunks(
+            lambda idx: self._step(users[idx], items[idx], weights[idx]),
+            len(users),
+            self._rng,
+            self.steps_per_batch,
+            self.max_step_size,
+            min_step_size=2,
+        )
+
+    def absorb(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Everything before the gradient steps: score the blends on the batch (still held out), ingest it, and
+        refit the spectral block when due; returns the events' rows."""
+        if self.selecting and len(self.selector.candidates) > 1:
+            self.select(batch)
+        rows = self.ingest(batch)
+        self.spectral.observe(len(batch))
+        return rows
+
     def ingest(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """Add events to the graph (TTL eviction, table growth, item frequencies) without training; returns rows."""
+        """Add events to the graph (TTL eviction, table growth, item counts) without training; returns rows."""
         u, i = self.graph.add_events(batch.user_ids, batch.item_ids, batch.ts_ms)
         self.graph.evict()
         self._grow()
         self._mark_targets(i)
         self.frequency.update(i)
+        self.popularity.count(i)
         return u, i
 
-    def _maybe_refit(self, n_events: int) -> None:
-        """Refit the spectral layer-0 vectors once ``max(spectral_every, spectral_growth × edges at the last fit)``
-        events arrived since it: with ``spectral_growth`` > 0 a fit's O(edges) cost is spread over a number of
-        events that grows with the graph, so the cost per event stays flat as the graph grows."""
-        if not self.spectral or (self.refit_schedule == "off" and self._since_refit is not None):
-            return
-        self._since_refit = None if self._since_refit is None else self._since_refit + n_events
-        growth = 1.0 if self.refit_schedule == "double" else self.spectral_growth
-        due = max(self.spectral_every, growth * self._fitted_edges)
-        if self._since_refit is None or self._since_refit >= due:
-            try:
-                self.refit_spectral()
-            except Exception:  # noqa: BLE001 - a failed fit must not stop the stream: keep the last one
-                log.exception("spectral refit failed; keeping the previous spectral vectors until the next one")
-                self._since_refit = 0
-
-    def refit_if_changed(self) -> bool:
-        """Refit the spectral layer now if the graph's distinct edges differ from the last fit's (a backfill calls
-        this at each epoch's end, so training continues on a fit of the complete graph); True if it refitted."""
-        if not self.spectral or self.graph.history_matrix().nnz == self._fitted_edges:
-            return False
-        self.refit_spectral()
-        return True
-
-    def refit_spectral(self) -> None:
-        """Spectral embeddings of the live graph as every node's fixed layer-0 vector, aligned to the last fit.
-
-        Bipartite: users get ``U S`` and items ``V S``; user–user: every node gets its column vector ``V S``.
-        The new basis is rotated (orthogonal Procrustes over the rows both fits share) onto the previous one,
-        so the trained id embeddings added on top keep their meaning.
-        """
-        g, enc = self.graph, self.encoder
-        history = g.history_matrix()
-        self._fitted_edges = history.nnz
-        start = enc.base(g.item_type).cpu().numpy() if self.spectral_iters > 0 else None
-        rows, cols = spectral_embeddings(
-            history,
-            self.dim,
-            self.spectral_a,
-            self.spectral_b,
-            seed=self.seed,
-            power=self.spectral_power,
-            start=start,
-            iters=self.spectral_iters,
-        )
-        new = [rows, cols] if g.mode == "bipartite" else [cols]
-        old = [enc.base(t).cpu().numpy() for t in range(g.n_types)]
-        shared = [min(len(o), len(n)) for o, n in zip(old, new)]
-        if sum(shared):
-            q = procrustes(
-                np.concatenate([n[:k] for n, k in zip(new, shared)]),
-                np.concatenate([o[:k] for o, k in zip(old, shared)]),
-            )
-            new = [n @ q for n in new]
-        for t, values in enumerate(new):
-            enc.set_base(t, torch.from_numpy(values.astype(np.float32)))
-        self._since_refit = 0
-        self._cache = None
+    def _grow(self) -> None:
+        sparse = self._optimizer.optimizers[0]
+        for t, table in enumerate(self.encoder.tables):
+            old = table.weight
+            if table.grow_to(self.graph.n_rows(t)):
+                regrow_optimizer_state(sparse, old, table.weight)
 
     def _mark_targets(self, item_rows: np.ndarray) -> None:
         n = self.graph.n_rows(self.graph.item_type)
@@ -276,28 +258,20 @@ class SSMTLModel:
     def subgraph(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray, seed: int | None = None) -> Subgraph:
         """One step's trees around its events (user and item rows).
 
-        When served vectors are ``bounded()`` (the default), retrieval trains on exactly what is served: each
-        user's query tree holds every buffered neighbour with the serving weights (``served_tree``) and item
-        trees only their roots; self-supervised tasks get their own ``fanouts``-sampled trees (``views``).
-        Otherwise both sides are sampled trees. With ``seed`` every random choice is repeatable; otherwise the
-        model's stream is used.
+        Retrieval trains on exactly what is served (``served_tree``: the root and one hop over every buffered
+        neighbour, with the served weights); self-supervised tasks get their own ``fanouts``-sampled trees
+        (``views``). With ``seed`` every random choice is repeatable; otherwise the model's stream is used.
         """
-        dev, g, fanouts = self.device, self.graph, list(self.fanouts)
+        dev, g = self.device, self.graph
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        served = self.bounded()
         n_negatives = max((t.negatives for t in self.tasks.values()), default=0)
         negative_rows = rng.integers(0, g.n_rows(g.item_type), size=n_negatives)
-        if served:
-            trees = [self.served_tree("query", users), self.served_tree("key", items)]
-            if n_negatives:
-                trees.append(self.served_tree("key", negative_rows))
-        else:
-            sampled = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
-            if n_negatives:
-                sampled.append(g.sample(negative_rows, g.item_type, fanouts, rng))
-            trees = [Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sampled]
+        trees = [self.served_tree("query", users), self.served_tree("key", items)]
+        if n_negatives:
+            trees.append(self.served_tree("key", negative_rows))
         views = None
-        if served and any(t.fraction is not None for t in self.tasks.values()):
+        if any(t.fraction is not None for t in self.tasks.values()):
+            fanouts = list(self.fanouts)
             sides = [g.sample(users, USER, fanouts, rng), g.sample(items, g.item_type, fanouts, rng)]
             views = tuple(Tree.from_numpy(rows, masks, types, dev) for rows, masks, types in sides)
         log_n = float(np.log(max(g.n_rows(g.item_type), 1)))
@@ -316,28 +290,30 @@ class SSMTLModel:
         )
 
     def served_tree(self, role: str, rows: np.ndarray) -> Tree:
-        """The receptive field a served vector of ``rows`` uses (needs ``bounded()``), as a tree for the encoder.
+        """The learned block's receptive field of ``rows`` as a one-hop tree: users ("query") over their buffered
+        items, recency-weighted, items ("key") over their buffered users.
 
-        A key ("key") is its item's layer-0 input: the roots alone. A query ("query") adds one hop over every
-        buffered neighbour, weighted ``d_u^-1/2 · recency · d_i^-1/2`` (the full-graph LightGCN normalisation
-        restricted to the row): a flat hop over the batch's distinct neighbours (``Tree.coefs``).
+        An edge weighs ``d_self^½ / n_buf · d_nbr^-½``: the symmetric LightGCN normalisation
+        ``d_self^-½ d_nbr^-½``, scaled by ``d_self / n_buf`` where the ring buffer keeps only the latest
+        ``n_buf`` of ``d_self`` neighbours, so the sum estimates the full one. The hop is flat: a sparse
+        (rows × distinct neighbours) matrix (``Tree.coefs``).
         """
         g, dev = self.graph, self.device
         rows = np.asarray(rows, dtype=np.int64)
-        root = np.ones(len(rows), dtype=bool)
-        if role == "key":
-            return Tree.from_numpy([rows], [root], [g.item_type], dev)
-        pos, nbr, w = g.user_edges(rows, self.recency_half_life)
-        count = np.bincount(pos, minlength=len(rows))
-        coef = np.maximum(count[pos], 1.0) ** -0.5 * w * np.maximum(g.column_degree[nbr], 1.0) ** -0.5
+        own = USER if role == "query" else g.item_type
+        other = g.other(own)
+        pos, nbr, w = g.neighbours(own, rows, self.recency_half_life if role == "query" else 0.0)
+        n_buf = np.maximum(np.bincount(pos, minlength=len(rows)), 1)
+        coef = g.degree_of(own, rows)[pos] ** 0.5 / n_buf[pos] * g.degree_of(other, nbr) ** -0.5 * w
         distinct, column = np.unique(nbr, return_inverse=True)
         if not len(distinct):  # no neighbour at all: one row with no weight keeps the shapes valid
             distinct = np.zeros(1, np.int64)
-        index = torch.from_numpy(np.stack([pos, column])).to(dev)
+        index = torch.from_numpy(np.stack([pos, column.reshape(-1)])).to(dev)
         weights = torch.sparse_coo_tensor(
             index, torch.from_numpy(coef.astype(np.float32)).to(dev), (len(rows), len(distinct)), check_invariants=False
         ).coalesce()
-        tree = Tree.from_numpy([rows, distinct], [root, np.ones(len(distinct), bool)], [USER, g.item_type], dev)
+        root = np.ones(len(rows), dtype=bool)
+        tree = Tree.from_numpy([rows, distinct], [root, np.ones(len(distinct), bool)], [own, other], dev)
         tree.coefs = [torch.ones(len(rows), device=dev), weights]
         return tree
 
@@ -354,100 +330,97 @@ class SSMTLModel:
             return None
         w = self.balancer.combine(losses, self.encoder.shared_parameters())
         total = sum(w[name] * loss for name, loss in losses.items())
-        if self.residual_l2 > 0:
-            total = total + self.residual_l2 * self._residual_norm(users, items)
+        if self.l2 > 0:
+            total = total + self.l2 * self.root_norm(users, items)
         if not finite_step(self._optimizer, total):  # type: ignore[arg-type]
             return None
         self._version += 1
         return StepResult(float(total.item()), {k: float(v.item()) for k, v in losses.items()}, w)
 
-    def _residual_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
-        """Mean squared length of the trained id embeddings of the step's users plus that of its items."""
+    def root_norm(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """Mean squared length of the step's users' id embeddings plus that of its items' (the L2 penalty)."""
         dev, tables = self.device, self.encoder.tables
         u = tables[USER](torch.from_numpy(users).to(dev))
         i = tables[self.graph.item_type](torch.from_numpy(items).to(dev))
         return u.pow(2).sum(-1).mean() + i.pow(2).sum(-1).mean()
 
-    def _all_embeddings(self) -> dict[str, torch.Tensor]:
-        """Served vectors of every user row ("query") and item row ("key"), recomputed when the model changed."""
-        key = (self._version, self.graph.generation)
-        if self._cache is None or self._cache[0] != key:
-            g = self.graph
-            if self.propagation == "lightgcn":
-                query_adj, key_adj = g.lightgcn_adjacency(self.recency_half_life)
-                inputs = (
-                    self.encoder.all_inputs(USER, g.n_rows(USER)),
-                    self.encoder.all_inputs(g.item_type, g.n_rows(g.item_type)),
-                )
-                q, k = self.encoder.infer_roles(
-                    inputs, query_adj.to(self.device), key_adj.to(self.device), self.normalise_keys
-                )
-                full = {"query": q, "key": k}
-            else:
-                types = range(g.n_types)
-                adjacency = {t: g.adjacency(t).to(self.device) for t in types}
-                other = {t: g.other(t) for t in types}
-                per_type = {t: self.encoder.infer(np.arange(g.n_rows(t)), t, adjacency, other) for t in types}
-                full = {"query": per_type[USER], "key": per_type[g.item_type]}
-            self._cache = (key, full)
-        return self._cache[1]
-
-    def bounded(self) -> bool:
-        """Whether served vectors are computed per row from their receptive field (O(rows × neighbour capacity)).
-
-        True for LightGCN propagation whose keys use layer 0 only and queries layers 0–1 (the default): a key is
-        its node's input, a query its own input and one hop over its buffered neighbours. Other layer weights
-        fall back to full-graph propagation once per model version (cost grows with the graph).
-        """
-        query, key = (self.encoder.role_layers[r] for r in ("query", "key"))
-        return (
-            self.propagation == "lightgcn"
-            and query is not None
-            and key is not None
-            and not any(query[2:])
-            and not any(key[1:])
-        )
+    # -- serving -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _embed_rows(self, role: str, rows: np.ndarray) -> torch.Tensor:
-        """Served vectors of ``rows`` computed from their receptive field alone (``served_tree``); equal to full
-        propagation, and the same computation retrieval trains on."""
-        enc, tree = self.encoder, self.served_tree(role, rows)
-        xs = enc.inputs(tree)
-        if role == "key":
-            key = enc.role_layers["key"][0] * xs[0]  # type: ignore[index]
-            return F.normalize(key, dim=-1) if self.normalise_keys else key
-        return enc.propagate(xs, tree.masks, role="query", coefs=tree.coefs)[0]
+    def learned_block(self, role: str, rows: np.ndarray) -> np.ndarray:
+        """The learned block of ``rows``: the served tree pooled with the layer weights, not normalised."""
+        tree = self.served_tree(role, rows)
+        enc = self.encoder
+        out = enc.propagate(enc.inputs(tree), tree.masks, coefs=tree.coefs, served=True, normalise=False)[0]
+        return out.cpu().numpy().astype(np.float32)
 
-    def key_scale(self, rows: np.ndarray) -> torch.Tensor:
-        """``d_i^key_degree`` of item ``rows`` (``d``: users buffering the item, at least 1), the served key's length.
+    def free_keys(self, rows: np.ndarray) -> np.ndarray:
+        """The training-free item blocks: spectral key and ``log q`` (popularity), as served."""
+        out = [self.spectral.keys(rows)]
+        if self.popularity_scale:
+            out.append(self.popularity.log_q(rows).astype(np.float32)[:, None])
+        return np.concatenate(out, axis=1)
 
-        With a symmetric-normalised spectral basis (``spectral_a = spectral_b = ½``) and ``key_degree = ½``, a query
-        (the ``d_i^-½``-weighted sum of its items' vectors) scores ``r_u D^-½ V Vᵀ D^½``: GF-CF's low-pass filter.
-        """
-        degree = np.maximum(self.graph.column_degree[np.asarray(rows, dtype=np.int64)], 1.0)
-        return torch.from_numpy((degree**self.key_degree).astype(np.float32)).to(self.device)
-
-    def _embed(self, role: str, rows: np.ndarray) -> np.ndarray:
-        if self.bounded():
-            emb = self._embed_rows(role, rows)
-        else:
-            emb = self._all_embeddings()[role][torch.from_numpy(rows).to(self.device)]
-        if role == "key" and self.key_degree and not self.normalise_keys:
-            emb = emb * self.key_scale(rows).unsqueeze(-1)
-        return emb.cpu().numpy().astype(np.float32)
+    def free_queries(self, rows: np.ndarray) -> np.ndarray:
+        """The training-free user blocks: spectral query and the popularity weight."""
+        out = [self.spectral.queries(rows)]
+        if self.popularity_scale:
+            out.append(np.full((len(rows), 1), self.popularity_scale, np.float32))
+        return np.concatenate(out, axis=1)
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
-        """L2-normalised user vectors (unknown ids raise KeyError)."""
-        return self._embed("query", self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64)))
+        """``[w_l · learned | w_f · spectral | w_f · popularity scale]`` with the blend of the user's segment."""
+        rows = self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64))
+        w = self.selector.weights(self.graph.degree[rows]).astype(np.float32)
+        learned, free = self.learned_block("query", rows), self.free_queries(rows)
+        return np.concatenate([w[:, :1] * learned, w[:, 1:] * free], axis=1)
 
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
-        """Item vectors (unknown ids raise KeyError): L2-normalised with ``propagation="sage"``; with "lightgcn"
-        their length is kept (it carries how central the item is), so scores are inner products, not cosines."""
+        """``[learned | spectral | log q]``: the item's length in the learned block carries how central it is."""
         rows = self.graph.items.lookup(np.asarray(item_ids, dtype=np.int64))
         if self.graph.mode == "user_user" and not self._is_target[rows].all():
             raise KeyError(int(np.asarray(item_ids)[~self._is_target[rows]][0]))
-        return self._embed("key", rows)
+        return np.concatenate([self.learned_block("key", rows), self.free_keys(rows)], axis=1)
+
+    # -- blend selection -----------------------------------------------------------------------------------------
+
+    def select(self, batch: Batch) -> None:
+        """Score every candidate blend on (up to ``select_events``) events of ``batch`` new to their user, before
+        the model trains on them: each event's item against ``select_items`` random known items (or all of them)."""
+        g = self.graph
+        users, items = g.users.find(batch.user_ids), g.items.find(batch.item_ids)
+        known = np.flatnonzero((users >= 0) & (items >= 0))
+        if len(known) < 2:
+            return
+        users, items = users[known], items[known]
+        buffered = g.buffers[USER].nbr[users]
+        seen_mask = g.buffers[USER].valid(users, g.cutoff())
+        novel = ~((buffered == items[:, None]) & seen_mask).any(axis=1)
+        pick = np.flatnonzero(novel)
+        if len(pick) > self.select_events:
+            pick = np.sort(self._rng.choice(pick, self.select_events, replace=False))
+        if not len(pick):
+            return
+        users, items, buffered, seen_mask = users[pick], items[pick], buffered[pick], seen_mask[pick]
+        pool = self.known_item_rows()
+        n_items = len(pool)
+        if n_items > self.select_items:
+            pool = pool[self._rng.choice(n_items, self.select_items, replace=False)]
+        columns = np.r_[items, pool]  # each event's own item first (its positive), then the pool that competes
+        learned = self.learned_block("query", users) @ self.learned_block("key", columns).T
+        free = self.free_queries(users) @ self.free_keys(columns).T
+        excluded = np.ones((len(items), len(columns)), dtype=bool)
+        has = ((buffered[:, :, None] == pool[None, None, :]) & seen_mask[:, :, None]).any(axis=1)
+        excluded[:, len(items) :] = has | (pool[None, :] == items[:, None])  # what the user has, the item itself
+        ranks = candidate_ranks(learned, free, np.arange(len(items)), excluded, self.selector.candidates)
+        self.selector.record(ranks, g.degree[users], max(20.0 * len(pool) / max(n_items, 1), 1.0))
+
+    def known_item_rows(self) -> np.ndarray:
+        """Rows of every item that can be served."""
+        n = self.graph.n_rows(self.graph.item_type)
+        return np.arange(n) if self.graph.mode == "bipartite" else np.flatnonzero(self._is_target[:n])
+
+    # -- the rest of the contract ----------------------------------------------------------------------------------
 
     def known_items(self) -> np.ndarray:
         """Item ids seen so far (in user–user mode: users that appeared as targets)."""
@@ -462,28 +435,21 @@ class SSMTLModel:
         """Lifetime events per user; small values mark cold users."""
         return self.graph.user_degree(user_ids)
 
-    def set_side_features(self, side: Literal["user", "item"], ids: np.ndarray, values: np.ndarray) -> None:
-        """Attach dense side features to known ids (needs ``user_feature_dim``/``item_feature_dim`` > 0)."""
-        t = USER if side == "user" else self.graph.item_type
-        index = self.graph.users if side == "user" else self.graph.items
-        rows = torch.from_numpy(index.lookup(np.asarray(ids, dtype=np.int64))).to(self.device)
-        self.encoder.set_features(t, rows, torch.as_tensor(values, dtype=torch.float32))
-        self._cache = None
-
     def state_dict(self) -> dict:
-        """Graph, encoder, task heads, frequency, reservoir, optimiser states and version (tensors/containers)."""
+        """Graph, blocks, task heads, counts, reservoir, optimiser states and version (tensors/containers)."""
         return {
             "graph": self.graph.state_dict(),
             "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
             "tasks": {k: v.detach().cpu() for k, v in self.tasks.state_dict().items()},
+            "spectral": self.spectral.state_dict(),
+            "popularity": self.popularity.state_dict(),
+            "selector": self.selector.state_dict(),
             "frequency": self.frequency.state_dict(),
             "reservoir": self.reservoir.state_dict(),
             "is_target": torch.from_numpy(self._is_target.copy()),
             "sparse_optimizer": self._optimizer.optimizers[0].state_dict(),
             "dense_optimizer": self._optimizer.optimizers[1].state_dict(),
             "version": self._version,
-            "since_refit": -1 if self._since_refit is None else self._since_refit,
-            "fitted_edges": self._fitted_edges,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -492,11 +458,11 @@ class SSMTLModel:
         enc = dict(state["encoder"])
         for t, table in enumerate(self.encoder.tables):
             table.weight = torch.nn.Parameter(enc[f"tables.{t}.weight"].to(self.device))
-            self.encoder.register_buffer(f"features_{t}", enc[f"features_{t}"].to(self.device))
-            if f"base_{t}" in enc:
-                self.encoder.set_base(t, enc[f"base_{t}"])
         self.encoder.load_state_dict(enc)
         self.tasks.load_state_dict(state["tasks"])
+        self.spectral.load_state_dict(state["spectral"])
+        self.popularity.load_state_dict(state["popularity"])
+        self.selector.load_state_dict(state["selector"])
         self.frequency.load_state_dict(state["frequency"])
         self.reservoir.load_state_dict(state["reservoir"])
         self._is_target = state["is_target"].numpy().copy()
@@ -504,8 +470,4 @@ class SSMTLModel:
         self._optimizer.optimizers[0].load_state_dict(state["sparse_optimizer"])
         self._optimizer.optimizers[1].load_state_dict(state["dense_optimizer"])
         self._version = int(state["version"])
-        since = int(state.get("since_refit", -1))
-        self._since_refit = None if since < 0 else since
-        self._fitted_edges = int(state.get("fitted_edges", 0))
         self._rng = np.random.default_rng(self.seed + self._version)
-        self._cache = None

@@ -62,6 +62,15 @@ class IdIndex:
         rows = self._rows
         return np.fromiter((rows[r] for r in raw_ids.tolist()), dtype=np.int64, count=len(raw_ids))
 
+    def find(self, raw_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``raw_ids``, -1 where an id is unknown (nothing is added).
+
+        >>> idx = IdIndex(); _ = idx.add(np.array([5])); idx.find(np.array([5, 6])).tolist()
+        [0, -1]
+        """
+        rows = self._rows
+        return np.fromiter((rows.get(r, -1) for r in np.asarray(raw_ids).tolist()), dtype=np.int64, count=len(raw_ids))
+
     def ids(self) -> np.ndarray:
         """All known raw ids, in row order: a read-only view, O(1) (later additions do not show in it)."""
         view = self._ids[: self._n]

@@ -111,12 +111,13 @@ def test_user_degree_counts_events():
     assert g.user_degree(arr(1, 2)).tolist() == [2, 1]
 
 
-def test_adjacency_is_row_normalised_over_buffered_edges():
-    g = GraphStore(capacity=4)
-    g.add_events(arr(1, 1, 2), arr(5, 6, 5), arr(0, 0, 0))
-    a = g.adjacency(USER).to_dense()
-    assert a.sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
-    assert a[0].tolist() == pytest.approx([0.5, 0.5])
+def test_degrees_count_distinct_neighbours_beyond_the_buffer():
+    g = GraphStore(capacity=2)
+    g.add_events(arr(1, 1, 1, 2), arr(5, 6, 7, 5), arr(0, 1, 2, 3))  # user 1: items 5, 6, 7
+    assert g.degree_of(USER, np.array([0, 1])).tolist() == [3, 1]  # the buffer keeps 2, the degree counts 3
+    assert g.degree_of(ITEM, np.array([0, 1, 2])).tolist() == [2, 1, 1]
+    pos, nbr, w = g.neighbours(USER, np.array([0]))
+    assert sorted(nbr.tolist()) == [1, 2] and w.tolist() == [1.0, 1.0]  # the two latest: items 6 and 7
 
 
 def test_state_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""The LightGCN/spectral encoder on constructed inputs: propagation, normalisation, spectral fit, cold users."""
+"""The LightGCN encoder and the spectral block on constructed inputs: layers, recency, spectral fit, cold users."""
 
 import numpy as np
 import pytest
@@ -16,8 +16,8 @@ def test_neighbour_mean_layer_has_no_parameters_and_returns_the_mean() -> None:
     layer = NeighbourMean()
     assert list(layer.parameters()) == []
     assert layer(torch.zeros(1, 2), torch.tensor([[1.0, 3.0]])).tolist() == [[1.0, 3.0]]
-    enc = GraphEncoder(4, 2, n_layers=2, propagation="lightgcn")
-    assert list(enc.layers.parameters()) == []
+    enc = GraphEncoder(4, 2, n_layers=2)
+    assert list(enc.layers.parameters()) == [] and enc.shared_parameters() == [t.weight for t in enc.tables]
 
 
 def test_combine_layers_weights_and_mean() -> None:
@@ -28,38 +28,15 @@ def test_combine_layers_weights_and_mean() -> None:
         combine_layers(outs, (1.0,))
 
 
-def test_lightgcn_adjacency_is_symmetric_normalised() -> None:
-    g = GraphStore(capacity=8)
-    # user rows 0,1; item rows 0,1: u0–i0, u0–i1, u1–i0 → d_u = (2, 1), d_i = (2, 1)
-    g.add_events(np.array([10, 10, 11]), np.array([5, 6, 5]), np.array([0, 1, 2]))
-    query, key = g.lightgcn_adjacency()
-    expected = np.array([[1 / 2, 1 / np.sqrt(2)], [1 / np.sqrt(2), 0.0]])
-    assert np.allclose(query.to_dense().numpy(), expected)
-    assert np.allclose(key.to_dense().numpy(), expected.T)
-
-
 def test_recency_weights_halve_per_newer_neighbour() -> None:
     g = GraphStore(capacity=4)
     g.add_events(np.array([1, 1, 1]), np.array([7, 8, 9]), np.array([10, 20, 30]))
-    rows, cols, w = g.edges(recency_half_life=1.0)
+    rows, cols, w = g.user_edges(np.array([0]), recency_half_life=1.0)
     by_item = dict(zip(cols.tolist(), w.tolist()))
     assert by_item == {0: 0.25, 1: 0.5, 2: 1.0}
     g.add_events(np.array([1]), np.array([7]), np.array([40]))  # repeat: item 7 becomes the most recent
-    _, cols, w = g.edges(recency_half_life=1.0)
+    _, cols, w = g.user_edges(np.array([0]), recency_half_life=1.0)
     assert dict(zip(cols.tolist(), w.tolist()))[0] == 1.0
-
-
-def test_infer_roles_propagates_by_hand() -> None:
-    enc = GraphEncoder(2, 2, n_layers=1, propagation="lightgcn", query_layers=(0.0, 1.0), key_layers=(1.0, 0.0))
-    users = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    items = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
-    adj = torch.tensor([[0.5, 0.5], [0.0, 1.0]]).to_sparse()
-    q, k = enc.infer_roles((users, items), adj, adj.t().coalesce())
-    # user 0 = normalise(0.5·(2,0) + 0.5·(0,4)) ; keys are the raw item inputs (not normalised)
-    assert np.allclose(q[0].numpy(), np.array([1.0, 2.0]) / np.sqrt(5.0))
-    assert np.allclose(k.numpy(), items.numpy())
-    _, kn = enc.infer_roles((users, items), adj, adj.t().coalesce(), normalise_keys=True)
-    assert np.allclose(kn.numpy(), np.eye(2))
 
 
 def test_full_rank_spectral_propagation_equals_item_knn_cosine() -> None:
@@ -115,7 +92,7 @@ def test_one_event_user_gets_its_neighbours_embedding() -> None:
     assert (top < 1050).mean() >= 0.9
 
 
-def test_state_dict_round_trip_keeps_spectral_base() -> None:
+def test_state_dict_round_trip_keeps_the_spectral_block() -> None:
     m = SSMTLModel(dim=8, spectral_every=256, device="cpu")
     for batch in _two_blocks(3):
         m.fit_batch(batch)
@@ -125,8 +102,8 @@ def test_state_dict_round_trip_keeps_spectral_base() -> None:
     ids = np.arange(10)
     assert np.allclose(m.user_embeddings(ids), other.user_embeddings(ids), atol=1e-6)
     assert np.allclose(m.item_embeddings(m.known_items()), other.item_embeddings(m.known_items()), atol=1e-6)
-    assert other._since_refit == m._since_refit
-    assert len(other.encoder.base(USER)) == len(m.encoder.base(USER))
+    assert other.spectral.since == m.spectral.since and other.spectral.fitted_edges == m.spectral.fitted_edges
+    assert np.array_equal(other.spectral.base[USER], m.spectral.base[USER]) and len(m.spectral.base[USER])
 
 
 def test_mgda_runs_with_parameter_free_propagation() -> None:
@@ -135,11 +112,11 @@ def test_mgda_runs_with_parameter_free_propagation() -> None:
     assert report.steps == 1 and np.isfinite(report.loss)
 
 
-def test_residual_l2_is_the_mean_squared_length_of_touched_rows() -> None:
-    m = SSMTLModel(dim=2, device="cpu", residual_l2=0.5)
+def test_l2_is_the_mean_squared_length_of_touched_rows() -> None:
+    m = SSMTLModel(dim=2, spectral_dim=0, popularity_half_life=0, device="cpu", l2=0.5)
     m.fit_batch(Batch.of([1, 2], [7, 8]))
     with torch.no_grad():
         m.encoder.tables[0].weight[:2] = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
         m.encoder.tables[1].weight[:2] = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     # users: (25 + 0) / 2 ; items: (1 + 4) / 2
-    assert m._residual_norm(np.array([0, 1]), np.array([0, 1])).item() == pytest.approx(12.5 + 2.5)
+    assert m.root_norm(np.array([0, 1]), np.array([0, 1])).item() == pytest.approx(12.5 + 2.5)

@@ -36,8 +36,8 @@ def test_names_map_to_their_classes_with_frozen_configs():
     }
 
 
-def test_config_defaults_are_the_models_former_defaults():
-    assert RetrievalConfig() == RetrievalConfig(temperature=0.1, logq=True, n_negatives=0)
+def test_config_defaults_are_the_documented_defaults():
+    assert RetrievalConfig() == RetrievalConfig(temperature=0.12, logq=False, n_negatives=0)
     assert CCASSGConfig() == CCASSGConfig(fraction=0.25, lam=1e-3, edge_drop=0.2, feature_drop=0.2)
     assert GraphMAEConfig() == GraphMAEConfig(fraction=0.25, mask_rate=0.5, alpha=2.0)
     assert InfoNCEConfig() == InfoNCEConfig(fraction=0.25, eps=0.1, temperature=0.2)
@@ -84,7 +84,8 @@ class Spread(Task):
         self.scale = torch.nn.Parameter(torch.ones(()))
 
     def loss(self, subgraph: Subgraph, encoder) -> torch.Tensor:
-        v = encoder.propagate(subgraph.inputs(encoder)[1], subgraph.items.masks, role="key")[0]
+        items = subgraph.items
+        v = encoder.propagate(subgraph.inputs(encoder)[1], items.masks, coefs=items.coefs, served=True)[0]
         return self.scale * (v @ v.T).mean() + self.scale**2
 
 
@@ -136,9 +137,10 @@ def test_config_tasks_reach_the_model_with_model_temperature():
     assert m.tasks["retrieval"].config == RetrievalConfig(temperature=0.3, n_negatives=2)
     assert m.task_weights == {"retrieval": 1.0, "infonce": 0.2}
     assert cfg.options["tasks"] == tasks  # not mutated
-    assert build_model(ModelConfig(dim=8, temperature=0.3, device="cpu")).model.tasks["retrieval"].config == (
+    assert build_model(ModelConfig(dim=8, temperature=0.3, device="cpu")).tasks["retrieval"].config == (
         RetrievalConfig(temperature=0.3)
     )
+    assert build_model(ModelConfig(dim=8, device="cpu")).tasks["retrieval"].config == RetrievalConfig()
 
 
 def test_a_checkpoint_restores_only_into_the_same_task_settings(tmp_path):

@@ -63,7 +63,7 @@ def test_task_state_round_trip(model, name, tmp_path):
     task = model.tasks[name]
     path = tmp_path / "task.pt"
     torch.save(task.state_dict(), path)
-    clone = type(task).build(task.config, model.dim)
+    clone = type(task).build(task.config, model.learned_dim)
     clone.load_state_dict(torch.load(path, weights_only=True))
     for k, v in task.state_dict().items():
         assert torch.equal(v, clone.state_dict()[k])
@@ -100,7 +100,7 @@ def test_graphmae_masks_every_occurrence_of_a_masked_root(model):
     sub = model.subgraph(*rows_of(model), seed=5)
     tree = sub.views[0] if sub.views else sub.users  # the sampled tree the self-supervised tasks see
     xs = model.encoder.inputs(tree)
-    token = torch.full((model.dim,), 7.0)
+    token = torch.full((model.learned_dim,), 7.0)
     target = tree.rows[0][:1]
     out = mask_rows(xs, tree.rows, tree.types, target, tree.types[0], token)
     for x, r, t in zip(out, tree.rows, tree.types):

@@ -13,10 +13,12 @@ from ebrflow.model.tasks.base import Subgraph, Task
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Softmax ``temperature``, whether to apply the logQ correction, extra random negative items per step."""
+    """Softmax ``temperature`` (over cosines), whether to apply the logQ correction (off: served by inner product,
+    popularity stays in the vectors' lengths, as in the LightGCN recipe of ``../shared/ANCHORS.md``), extra random
+    negative items per step."""
 
-    temperature: float = 0.1
-    logq: bool = True
+    temperature: float = 0.12
+    logq: bool = False
     n_negatives: int = 0
 
 
@@ -40,12 +42,12 @@ class RetrievalTask(Task):
         """Weighted in-batch sampled-softmax loss."""
         cfg = self.config
         xs = subgraph.inputs(encoder)
-        u = encoder.propagate(xs[0], subgraph.users.masks, role="query", coefs=subgraph.users.coefs)[0]
-        v = encoder.propagate(xs[1], subgraph.items.masks, role="key", coefs=subgraph.items.coefs)[0]
+        u = encoder.propagate(xs[0], subgraph.users.masks, coefs=subgraph.users.coefs, served=True)[0]
+        v = encoder.propagate(xs[1], subgraph.items.masks, coefs=subgraph.items.coefs, served=True)[0]
         extra, extra_log_q = None, None
         if subgraph.negatives is not None and len(subgraph.negatives):
             negatives = subgraph.negatives
-            extra = encoder.propagate(xs[2], negatives.masks, role="key", coefs=negatives.coefs)[0]
+            extra = encoder.propagate(xs[2], negatives.masks, coefs=negatives.coefs, served=True)[0]
             extra_log_q = subgraph.negative_log_q if cfg.logq else None
         return sampled_softmax(
             u,

@@ -1,0 +1,132 @@
+"""Which mix of the learned block and the training-free blocks is served, chosen on events not yet trained on.
+
+A served vector concatenates a learned block (trained id embeddings, LightGCN-pooled) and training-free blocks
+(spectral vectors and recent popularity); one inner product adds their scores, so the user side's block weights
+decide how much each counts. No fixed weight holds everywhere: on a stream the learned block is a few passes
+old and the training-free structure wins, on a catalogue trained for epochs the learned block wins by far (and the
+two disagree on scale by orders of magnitude). So the weights are chosen the way a user would judge them: each
+candidate is scored on held-out events (a batch before the model trains on it, or a backfill's held-out slice),
+per user segment (cold: at most ``cold_max_events`` prior events, warm), and the best one recently is served.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# (weight of the learned block, weight of the training-free blocks); the first is served until there is evidence
+CANDIDATES: tuple[tuple[float, float], ...] = (
+    (0.0, 1.0),
+    (1.0, 1.0),
+    (10.0, 1.0),
+    (100.0, 1.0),
+    (1000.0, 1.0),
+    (1.0, 0.0),
+)
+SEGMENTS = ("cold", "warm")
+
+
+def candidate_ranks(
+    learned: np.ndarray, free: np.ndarray, positive: np.ndarray, excluded: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """Per candidate and event, how many items outscore the event's positive under that candidate's weights.
+
+    ``learned`` and ``free`` are (events × items) score matrices of the two kinds of block, ``positive`` the column
+    of each event's item, ``excluded`` a mask of items that do not compete (the positive itself, items the user
+    already has); ``candidates`` is (C × 2). Returns (C × events).
+
+    >>> learned, free = np.array([[0.0, 1.0, 0.0]]), np.array([[1.0, 0.0, 0.5]])
+    >>> excluded = np.array([[True, False, False]])
+    >>> candidate_ranks(learned, free, np.array([0]), excluded, np.array([[0.0, 1.0], [1.0, 0.0]])).tolist()
+    [[0], [1]]
+    """
+    rows = np.arange(len(positive))
+    out = np.empty((len(candidates), len(positive)), dtype=np.int64)
+    for c, (wl, wf) in enumerate(candidates):
+        scores = wl * learned + wf * free
+        above = (scores > scores[rows, positive][:, None]) & ~excluded
+        out[c] = above.sum(axis=1)
+    return out
+
+
+class BlendSelector:
+    """Decayed hit counts of every candidate blend per user segment, and the blend each segment is served.
+
+    ``record`` takes one batch's held-out ranks; an event is a hit when fewer than ``k_eff`` items outscore it (the
+    top-``k`` of the whole catalogue, scaled to the sampled items). Once a segment has ``min_events`` evaluated
+    events it switches to the candidate with the most hits, if that one leads the served one by more than ``z``
+    standard errors of the difference (so noise does not move it); counts halve every ``half_life`` evaluated events,
+    so the choice follows a learned block that keeps improving.
+    """
+
+    def __init__(
+        self,
+        candidates: tuple[tuple[float, float], ...] = CANDIDATES,
+        cold_max_events: int = 5,
+        half_life: float = 20_000.0,
+        min_events: int = 200,
+        z: float = 2.0,
+    ) -> None:
+        self.candidates = np.asarray(candidates, dtype=np.float64)
+        self.cold_max_events = cold_max_events
+        self.half_life = half_life
+        self.min_events = min_events
+        self.z = z
+        self.hits = np.zeros((len(SEGMENTS), len(candidates)))
+        self.n = np.zeros(len(SEGMENTS))
+        self.chosen = np.zeros(len(SEGMENTS), dtype=np.int64)
+
+    def segment(self, degrees: np.ndarray) -> np.ndarray:
+        """0 (cold) or 1 (warm) per user from its prior events."""
+        return (np.asarray(degrees) > self.cold_max_events).astype(np.int64)
+
+    def weights(self, degrees: np.ndarray) -> np.ndarray:
+        """(users × 2) served (learned, training-free) weights for users with these prior event counts."""
+        return self.candidates[self.chosen[self.segment(degrees)]]
+
+    def record(self, ranks: np.ndarray, degrees: np.ndarray, k_eff: float) -> None:
+        """Count hits (rank < ``k_eff``) of every candidate on held-out events of users with ``degrees``."""
+        if ranks.shape[1] == 0:
+            return
+        seg = self.segment(degrees)
+        decay = 0.5 ** (ranks.shape[1] / self.half_life)
+        self.hits *= decay
+        self.n *= decay
+        hit = (ranks < k_eff).astype(np.float64)
+        for s in range(len(SEGMENTS)):
+            mine = seg == s
+            self.hits[s] += hit[:, mine].sum(axis=1)
+            self.n[s] += mine.sum()
+        for s in range(len(SEGMENTS)):
+            best, served = int(np.argmax(self.hits[s])), self.chosen[s]
+            lead = self.hits[s, best] - self.hits[s, served]
+            if self.n[s] >= self.min_events and lead > self.z * np.sqrt(self.hits[s, best] + self.hits[s, served]):
+                self.chosen[s] = best
+
+    def reset(self) -> None:
+        """Forget the evidence (not the choice), e.g. before scoring a backfill's held-out slice."""
+        self.hits[:] = 0.0
+        self.n[:] = 0.0
+
+    def report(self) -> dict[str, tuple[float, float]]:
+        """The served (learned, training-free) weights per segment."""
+        return {name: tuple(self.candidates[self.chosen[s]].tolist()) for s, name in enumerate(SEGMENTS)}
+
+    def state_dict(self) -> dict:
+        """Counts and choices as tensors."""
+        return {
+            "hits": torch.from_numpy(self.hits.copy()),
+            "n": torch.from_numpy(self.n.copy()),
+            "chosen": torch.from_numpy(self.chosen.copy()),
+            "candidates": torch.from_numpy(self.candidates.copy()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``; a checkpoint with other candidates starts the evidence afresh."""
+        if state["candidates"].shape != self.candidates.shape or not np.allclose(
+            state["candidates"].numpy(), self.candidates
+        ):
+            return
+        self.hits = state["hits"].numpy().copy()
+        self.n = state["n"].numpy().copy()
+        self.chosen = state["chosen"].numpy().copy()
