@@ -43,37 +43,25 @@ PUBLISHED = {
     "SimpleX (BARS)": (0.1872, 0.1557),
 }
 EASE_PUBLISHED = (0.1765, 0.1467)  # BARS
-# ebrflow rows: name → (role, overrides of the [model] settings, epoch cap); "default" is Settings().model untouched
+# ebrflow rows: name → (role, overrides of the [model] settings, epoch cap, minutes or None: --minutes, which caps);
+# "default" is Settings().model untouched
+ALL_TASKS = {"retrieval": {}, "cca_ssg": {}, "graphmae": {}, "infonce": {}}
 MODELS = {
-    "default": ("default", {}, 1000),
-    # the default's task set is retrieval only, so the SSMTL comparison adds the SSL tasks
-    "retrieval+infonce": ("variant", {"options": {"tasks": {"retrieval": {}, "infonce": {}}}}, 1000),
-    "retrieval+cca_ssg": ("variant", {"options": {"tasks": {"retrieval": {}, "cca_ssg": {}}}}, 1000),
-    # diagnostics: the training-free part alone (one pass builds the graph, then the spectral fit)
-    "default-no-steps": ("variant", {"steps_per_batch": 0}, 1),
-    "default-stream-refits": ("variant", {}, 1000),
-    # the degree-scaled keys chosen on the streams' first 20% (not shipped: they lost on the whole streams)
-    "degree-keys-no-steps": (
-        "variant",
-        {"steps_per_batch": 0, "popularity_lifetime": 0.1, "options": {"spectral_a": 0.125, "key_degree": 0.25}},
-        1,
-    ),
-    # a catalogue config (not the default: a rank-256 fit costs ~10× a rank-64 one): GF-CF's low-pass
-    # filter r_u D^-½ V S^½ Vᵀ D^½ from the symmetric-normalised matrix, no popularity prior, training-free
+    "default": ("default", {}, 1000, None),
+    # the training-free start: one pass builds the graph, the spectral fit and the popularity counts
+    "default-no-steps": ("variant", {"steps_per_batch": 0}, 1, None),
+    # a wider served vector: 64 learned + 63 spectral + 1 popularity columns
+    "dim-128": ("variant", {"dim": 128}, 1000, None),
+    # the self-supervised tasks beside retrieval, each against retrieval alone at the same (shorter) budget
+    "retrieval-only-10min": ("variant", {}, 1000, 10),
     **{
-        f"lowpass-{dim}-no-steps": (
-            "variant",
-            {
-                "dim": dim,
-                "steps_per_batch": 0,
-                "popularity_half_life": 0,
-                "options": {"spectral_a": 0.5, "key_degree": 0.5, "spectral_power": 0.5},
-            },
-            1,
-        )
-        for dim in (256, 512, 1024)
+        f"retrieval+{task}-10min": ("variant", {"options": {"tasks": {"retrieval": {}, task: {}}}}, 1000, 10)
+        for task in ("infonce", "cca_ssg", "graphmae")
     },
+    "all-tasks-mgda-10min": ("variant", {"options": {"tasks": ALL_TASKS, "balancing": "mgda"}}, 1000, 10),
 }
+# served blends evaluated on the trained default too: (row suffix, index into model.blend.CANDIDATES)
+SERVED = {"served: learned block only": 5, "served: training-free blocks only": 0}
 PEERS = ("als", "bpr")
 # the small grids tuned on the validation split (implicit 0.7's own defaults are the first entry of each)
 GRIDS = {
@@ -174,32 +162,32 @@ def write_snap(train: dict, path: Path, seed: int) -> int:
     return len(users)
 
 
-def run_model(name: str, minutes: float, train: dict, test: dict, n_items: int, seed: int) -> dict:
-    """Train one ebrflow row through ``backfill_file`` (what ``ebrflow backfill`` runs) and evaluate it."""
+def run_model(name: str, minutes: float, train: dict, test: dict, n_items: int, seed: int) -> list[dict]:
+    """Train one ebrflow row through ``backfill_file`` (what ``ebrflow backfill`` runs) and evaluate it; the
+    default is also evaluated with each ``SERVED`` blend forced (same training, other served weights)."""
     from ebrflow.app import backfill_file
     from ebrflow.config import ModelConfig, Settings
 
-    role, overrides, max_epochs = MODELS[name]
+    role, overrides, max_epochs, own_minutes = MODELS[name]
+    minutes = min(own_minutes, minutes) if own_minutes else minutes  # --minutes caps every row (smoke runs)
     settings = Settings()
     settings.model = ModelConfig(**{**settings.model.model_dump(exclude={"variants"}), **overrides})
-    schedule = "stream" if name.endswith("stream-refits") else "epoch"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gowalla-train.snap"
         write_snap(train, path, seed)
-        model, _, summary = backfill_file(
-            settings, path, "snap", max_epochs, max_seconds=minutes * 60, spectral_refits=schedule
-        )
+        model, _, summary = backfill_file(settings, path, "snap", max_epochs, max_seconds=minutes * 60)
     t0 = time.perf_counter()
     metrics = evaluate(model, train, test, n_items)
     eval_s = time.perf_counter() - t0
     print(f"{name}: {metrics} train {summary.seconds:.0f}s, {summary.epochs} epochs, eval {eval_s:.0f}s", flush=True)
-    return {
+    row = {
         "variant": name,
         "role": role,
         **metrics,
         "train_wall_s": round(summary.seconds, 1),
         "budget_min": minutes,
         "eval_wall_s": round(eval_s, 1),
+        "epochs": summary.epochs,
         "epochs_started": summary.epochs,
         "batches": summary.batches,
         "steps": summary.steps,
@@ -208,10 +196,19 @@ def run_model(name: str, minutes: float, train: dict, test: dict, n_items: int, 
         "spectral_s": round(summary.spectral_seconds, 1),
         "epoch_losses": [round(x, 4) for x in summary.epoch_losses],
         "batches_per_s": round(summary.batches / max(summary.seconds, 1e-9), 2),
-        "refit_schedule": schedule,
+        "held_out_events": summary.held_out,
+        "served_blend": {k: list(v) for k, v in summary.blend.items()},
         "config": json.loads(settings.model.model_dump_json()),
         "model_overrides": overrides,
     }
+    rows = [row]
+    if name == "default":
+        for suffix, index in SERVED.items():
+            model.selector.chosen[:] = index
+            forced = evaluate(model, train, test, n_items)
+            blend = list(model.selector.candidates[index])
+            rows.append({**row, **forced, "variant": f"default, {suffix}", "role": "variant", "served_blend": blend})
+    return rows
 
 
 def _matrix(split: dict, n_users: int, n_items: int) -> sp.csr_matrix:
@@ -324,20 +321,29 @@ def _num(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _blend(blend: dict | list | None) -> str:
+    """The served (learned, training-free) weights: one pair, or per segment."""
+    if not blend:
+        return ""
+    if isinstance(blend, list):
+        return f"({blend[0]:g}, {blend[1]:g})"
+    return ", ".join(f"{k} ({v[0]:g}, {v[1]:g})" for k, v in blend.items())
+
+
 def render(out: Path) -> None:
     """Write ``out``.md from ``out``.json."""
     data = json.loads(out.with_suffix(".json").read_text())
     meta, rows = data["meta"], data["results"]
     lines = [
         "| variant | role | Recall@20 | NDCG@20 | train wall (s) | epochs started | steps (skipped) "
-        "| spectral refits (s) | config |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| spectral refits (s) | served blend (learned, training-free) | config |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         refits = f"{r['spectral_refits']} ({r['spectral_s']:.0f})" if "spectral_refits" in r else ""
         steps = f"{r['steps']} ({r['skipped_steps']})" if "steps" in r else ""
         if r["role"] in ("default", "variant"):
-            cfg = f"{json.dumps(r.get('model_overrides') or {})}, refits per {r.get('refit_schedule')}"
+            cfg = json.dumps(r.get("model_overrides") or {})
             if r.get("budget_min") != meta.get("minutes"):
                 cfg += f", budget {r.get('budget_min')} min"
         elif r["role"] == "peer":
@@ -346,7 +352,8 @@ def render(out: Path) -> None:
             cfg = "published, not run here" if r.get("note") == "published, not run here" else "see note below"
         lines.append(
             f"| {r['variant']} | {r['role']} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} "
-            f"| {_num(r.get('train_wall_s'), '.0f')} | {r.get('epochs_started', '')} | {steps} | {refits} | {cfg} |"
+            f"| {_num(r.get('train_wall_s'), '.0f')} | {r.get('epochs_started', '')} | {steps} | {refits} "
+            f"| {_blend(r.get('served_blend'))} | {cfg} |"
         )
     notes = [
         "Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])) + ".",
@@ -355,7 +362,10 @@ def render(out: Path) -> None:
         "ebrflow rows: the shipped default model trained as `ebrflow backfill` trains it (`ebrflow.app.backfill_file`"
         " on the training split written as a SNAP edge list in one seeded random order, batches of "
         "`batch.max_events`), stopped after the batch that crosses the budget of "
-        f"{meta.get('minutes')} min, on {meta.get('machine')}; evaluated on the served embeddings.",
+        f"{meta.get('minutes')} min, on {meta.get('machine')}; evaluated on the served embeddings. The latest 1% of "
+        "the file's events (in its replay order) stay out of the epochs: they choose the served blend of the "
+        "learned and training-free blocks, then train once. 'default, served: …' rows evaluate the trained default "
+        "with another blend forced.",
         "Peers: `implicit` ALS/BPR, one thread, tuned on a validation split carved from the training file "
         f"({meta.get('val_fraction')} of each user's train items), the best refitted on all of it and scored once "
         "on test; train wall = that final fit.",
@@ -435,9 +445,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             merge_results(args.out, [row], meta)
         for f in futures:
-            row = f.result()
-            rows.append(row)
-            merge_results(args.out, [row], meta)
+            trained = f.result()
+            rows += trained
+            merge_results(args.out, trained, meta)
     return rows
 
 

@@ -13,11 +13,12 @@ def test_gowalla_smoke(tmp_path):
     out = tmp_path / "gowalla.json"
     args = ["--minutes", "0.02", "--max-users", "150", "--grid-size", "1", "--out", str(out)]
     peers = "als,bpr,published" if implicit_available() else "published"
-    rows = gowalla.main([*args, "--models", "default,retrieval+infonce", "--peers", peers])
+    rows = gowalla.main([*args, "--models", "default,retrieval+infonce-10min", "--peers", peers])
     saved = json.loads(out.read_text())["results"]
     assert {r["variant"] for r in rows} == {r["variant"] for r in saved}
     roles = {r["variant"]: r["role"] for r in saved}
-    assert roles["default"] == "default" and roles["retrieval+infonce"] == "variant"
+    assert roles["default"] == "default" and roles["retrieval+infonce-10min"] == "variant"
+    assert roles["default, served: learned block only"] == "variant"  # the trained default, another blend forced
     assert "published" in roles.values()
     if implicit_available():
         assert roles["implicit ALS (tuned on validation)"] == "peer"
@@ -26,6 +27,7 @@ def test_gowalla_smoke(tmp_path):
         assert 0.0 <= r["recall@20"] <= 1.0 and 0.0 <= r["ndcg@20"] <= 1.0
     default = next(r for r in saved if r["role"] == "default")
     assert default["batches"] >= 1 and default["spectral_refits"] >= 1 and default["config"]["kind"] == "ssmtl"
+    assert default["epochs"] >= 1
     assert "| default | default |" in out.with_suffix(".md").read_text()
 
 
