@@ -14,36 +14,40 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# (weight of the learned block, weight of the training-free blocks); the first is served until there is evidence
-CANDIDATES: tuple[tuple[float, float], ...] = (
-    (0.0, 1.0),
-    (1.0, 1.0),
-    (10.0, 1.0),
-    (100.0, 1.0),
-    (1000.0, 1.0),
-    (1.0, 0.0),
+# (weights of the learned, spectral and popularity blocks); the first is served until there is evidence
+CANDIDATES: tuple[tuple[float, float, float], ...] = (
+    (0.0, 1.0, 1.0),
+    (1.0, 1.0, 1.0),
+    (10.0, 1.0, 1.0),
+    (100.0, 1.0, 1.0),
+    (1000.0, 1.0, 1.0),
+    (1.0, 0.0, 0.0),
+    (100.0, 0.0, 1.0),
+    (1000.0, 0.0, 1.0),
 )
 SEGMENTS = ("cold", "warm")
 
 
 def candidate_ranks(
-    learned: np.ndarray, free: np.ndarray, positive: np.ndarray, excluded: np.ndarray, candidates: np.ndarray
+    blocks: list[np.ndarray], positive: np.ndarray, excluded: np.ndarray, candidates: np.ndarray
 ) -> np.ndarray:
     """Per candidate and event, how many items outscore the event's positive under that candidate's weights.
 
-    ``learned`` and ``free`` are (events × items) score matrices of the two kinds of block, ``positive`` the column
-    of each event's item, ``excluded`` a mask of items that do not compete (the positive itself, items the user
-    already has); ``candidates`` is (C × 2). Returns (C × events).
+    ``blocks`` are (events × items) score matrices, one per kind of block, ``positive`` the column of each event's
+    item, ``excluded`` a mask of items that do not compete (the positive itself, items the user already has);
+    ``candidates`` is (C × blocks). Returns (C × events).
 
     >>> learned, free = np.array([[0.0, 1.0, 0.0]]), np.array([[1.0, 0.0, 0.5]])
     >>> excluded = np.array([[True, False, False]])
-    >>> candidate_ranks(learned, free, np.array([0]), excluded, np.array([[0.0, 1.0], [1.0, 0.0]])).tolist()
+    >>> candidate_ranks([learned, free], np.array([0]), excluded, np.array([[0.0, 1.0], [1.0, 0.0]])).tolist()
     [[0], [1]]
     """
     rows = np.arange(len(positive))
     out = np.empty((len(candidates), len(positive)), dtype=np.int64)
-    for c, (wl, wf) in enumerate(candidates):
-        scores = wl * learned + wf * free
+    for c, weights in enumerate(candidates):
+        scores = sum(w * b for w, b in zip(weights, blocks) if w)
+        if isinstance(scores, int):  # every weight zero: nothing outscores anything
+            scores = np.zeros_like(blocks[0])
         above = (scores > scores[rows, positive][:, None]) & ~excluded
         out[c] = above.sum(axis=1)
     return out
@@ -61,7 +65,7 @@ class BlendSelector:
 
     def __init__(
         self,
-        candidates: tuple[tuple[float, float], ...] = CANDIDATES,
+        candidates: tuple[tuple[float, ...], ...] = CANDIDATES,
         cold_max_events: int = 5,
         half_life: float = 20_000.0,
         min_events: int = 200,
@@ -81,7 +85,7 @@ class BlendSelector:
         return (np.asarray(degrees) > self.cold_max_events).astype(np.int64)
 
     def weights(self, degrees: np.ndarray) -> np.ndarray:
-        """(users × 2) served (learned, training-free) weights for users with these prior event counts."""
+        """(users × blocks) served block weights for users with these prior event counts."""
         return self.candidates[self.chosen[self.segment(degrees)]]
 
     def record(self, ranks: np.ndarray, degrees: np.ndarray, k_eff: float) -> None:
@@ -108,8 +112,8 @@ class BlendSelector:
         self.hits[:] = 0.0
         self.n[:] = 0.0
 
-    def report(self) -> dict[str, tuple[float, float]]:
-        """The served (learned, training-free) weights per segment."""
+    def report(self) -> dict[str, tuple[float, ...]]:
+        """The served (learned, spectral, popularity) weights per segment."""
         return {name: tuple(self.candidates[self.chosen[s]].tolist()) for s, name in enumerate(SEGMENTS)}
 
     def state_dict(self) -> dict:

@@ -38,7 +38,7 @@ from ebrflow.model.two_tower import pick_device
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {"retrieval": {}}  # the ``tasks`` settings when none are given
-BLENDS = {"auto": CANDIDATES, "learned": ((1.0, 0.0),), "free": ((0.0, 1.0),)}
+BLENDS = {"auto": CANDIDATES, "learned": ((1.0, 0.0, 0.0),), "free": ((0.0, 1.0, 1.0),)}
 
 
 class _Optimizers:
@@ -354,33 +354,33 @@ class SSMTLModel:
         out = enc.propagate(enc.inputs(tree), tree.masks, coefs=tree.coefs, served=True, normalise=False)[0]
         return out.cpu().numpy().astype(np.float32)
 
-    def free_keys(self, rows: np.ndarray) -> np.ndarray:
-        """The training-free item blocks: spectral key and ``log q`` (popularity), as served."""
-        out = [self.spectral.keys(rows)]
-        if self.popularity_scale:
-            out.append(self.popularity.log_q(rows).astype(np.float32)[:, None])
-        return np.concatenate(out, axis=1)
+    def query_blocks(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The user side of each block, unweighted: learned query, spectral query, popularity scale (0 or 1 wide)."""
+        width = 1 if self.popularity_scale else 0
+        scale = np.full((len(rows), width), self.popularity_scale, np.float32)
+        return [self.learned_block("query", rows), self.spectral.queries(rows), scale]
 
-    def free_queries(self, rows: np.ndarray) -> np.ndarray:
-        """The training-free user blocks: spectral query and the popularity weight."""
-        out = [self.spectral.queries(rows)]
-        if self.popularity_scale:
-            out.append(np.full((len(rows), 1), self.popularity_scale, np.float32))
-        return np.concatenate(out, axis=1)
+    def key_blocks(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The item side of each block: learned key, spectral key, ``log q`` (popularity; 0 or 1 wide)."""
+        log_q = self.popularity.log_q(rows).astype(np.float32)[:, None]
+        return [
+            self.learned_block("key", rows),
+            self.spectral.keys(rows),
+            log_q[:, : 1 if self.popularity_scale else 0],
+        ]
 
     def user_embeddings(self, user_ids: np.ndarray) -> np.ndarray:
-        """``[w_l · learned | w_f · spectral | w_f · popularity scale]`` with the blend of the user's segment."""
+        """``[w_l · learned | w_s · spectral | w_p · popularity scale]`` with the blend of the user's segment."""
         rows = self.graph.users.lookup(np.asarray(user_ids, dtype=np.int64))
         w = self.selector.weights(self.graph.degree[rows]).astype(np.float32)
-        learned, free = self.learned_block("query", rows), self.free_queries(rows)
-        return np.concatenate([w[:, :1] * learned, w[:, 1:] * free], axis=1)
+        return np.concatenate([w[:, b : b + 1] * x for b, x in enumerate(self.query_blocks(rows))], axis=1)
 
     def item_embeddings(self, item_ids: np.ndarray) -> np.ndarray:
         """``[learned | spectral | log q]``: the item's length in the learned block carries how central it is."""
         rows = self.graph.items.lookup(np.asarray(item_ids, dtype=np.int64))
         if self.graph.mode == "user_user" and not self._is_target[rows].all():
             raise KeyError(int(np.asarray(item_ids)[~self._is_target[rows]][0]))
-        return np.concatenate([self.learned_block("key", rows), self.free_keys(rows)], axis=1)
+        return np.concatenate(self.key_blocks(rows), axis=1)
 
     # -- blend selection -----------------------------------------------------------------------------------------
 
@@ -407,12 +407,11 @@ class SSMTLModel:
         if n_items > self.select_items:
             pool = pool[self._rng.choice(n_items, self.select_items, replace=False)]
         columns = np.r_[items, pool]  # each event's own item first (its positive), then the pool that competes
-        learned = self.learned_block("query", users) @ self.learned_block("key", columns).T
-        free = self.free_queries(users) @ self.free_keys(columns).T
+        blocks = [q @ k.T for q, k in zip(self.query_blocks(users), self.key_blocks(columns))]
         excluded = np.ones((len(items), len(columns)), dtype=bool)
         has = ((buffered[:, :, None] == pool[None, None, :]) & seen_mask[:, :, None]).any(axis=1)
         excluded[:, len(items) :] = has | (pool[None, :] == items[:, None])  # what the user has, the item itself
-        ranks = candidate_ranks(learned, free, np.arange(len(items)), excluded, self.selector.candidates)
+        ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, self.selector.candidates)
         self.selector.record(ranks, g.degree[users], max(20.0 * len(pool) / max(n_items, 1), 1.0))
 
     def known_item_rows(self) -> np.ndarray:
