@@ -124,10 +124,37 @@ class EdgeLog:
         self.dst = np.zeros(0, dtype=np.int64)
         self.ts = np.zeros(0, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_n = 0
 
     def append(self, src: np.ndarray, dst: np.ndarray, ts: np.ndarray) -> None:
-        """Record edges (duplicates allowed until the next ``compact``)."""
+        """Record edges (duplicates allowed until the next ``compact``, which runs by itself once the pending edges
+        reach a tenth of the compacted ones: amortised O(log edges) per edge)."""
         self._pending.append((np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(ts, np.int64)))
+        self._pending_n += len(self._pending[-1][0])
+        if self._pending_n > max(0.1 * len(self.src), 100_000):
+            self.compact()
+
+    def targets_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every edge out of ``rows`` (unique rows) in the whole history: (positions in ``rows``, destinations).
+
+        >>> log = EdgeLog(); log.append(np.array([0, 0, 2]), np.array([5, 6, 7]), np.zeros(3, np.int64))
+        >>> log.compact(); log.append(np.array([2]), np.array([8]), np.zeros(1, np.int64))
+        >>> [a.tolist() for a in log.targets_of(np.array([2, 0]))]
+        [[0, 1, 1, 0], [7, 5, 6, 8]]
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = np.searchsorted(self.src, rows, "left"), np.searchsorted(self.src, rows, "right")
+        counts = hi - lo
+        pos = [np.repeat(np.arange(len(rows)), counts)]
+        starts = np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts)
+        dst = [self.dst[np.arange(int(counts.sum())) + starts]]
+        order = np.argsort(rows)
+        for src_p, dst_p, _ in self._pending:  # not compacted yet: at most a tenth of the history
+            at = np.searchsorted(rows[order], src_p)
+            hit = (at < len(rows)) & (rows[order][np.minimum(at, len(rows) - 1)] == src_p)
+            pos.append(order[at[hit]])
+            dst.append(dst_p[hit])
+        return np.concatenate(pos), np.concatenate(dst)
 
     def compact(self) -> None:
         """Merge pending edges and keep each (src, dst) once, with its latest time."""
@@ -141,6 +168,7 @@ class EdgeLog:
         src, dst, ts = src[order], dst[order], ts[order]
         first = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]
         self.src, self.dst, self.ts = src[first], dst[first], ts[first]
+        self._pending_n = 0
 
     def matrix(self, shape: tuple[int, int], cutoff: int | None = None, symmetric: bool = False) -> sp.csr_matrix:
         """Binary (src × dst) sparse matrix of the edges not older than ``cutoff`` (both directions if symmetric)."""
@@ -165,7 +193,7 @@ class EdgeLog:
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``."""
         self.src, self.dst, self.ts = (state[k].numpy().copy() for k in ("src", "dst", "ts"))
-        self._pending = []
+        self._pending, self._pending_n = [], 0
 
 
 class GraphStore:

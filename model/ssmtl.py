@@ -386,22 +386,24 @@ class SSMTLModel:
 
     def select(self, batch: Batch) -> None:
         """Score every candidate blend on (up to ``select_events``) events of ``batch`` new to their user, before
-        the model trains on them: each event's item against ``select_items`` random known items (or all of them)."""
+        the model trains on them: each event's item against ``select_items`` random known items (or all of them),
+        the user's items so far excluded, as served."""
         g = self.graph
         users, items = g.users.find(batch.user_ids), g.items.find(batch.item_ids)
         known = np.flatnonzero((users >= 0) & (items >= 0))
         if len(known) < 2:
             return
         users, items = users[known], items[known]
-        buffered = g.buffers[USER].nbr[users]
-        seen_mask = g.buffers[USER].valid(users, g.cutoff())
-        novel = ~((buffered == items[:, None]) & seen_mask).any(axis=1)
+        distinct, inverse = np.unique(users, return_inverse=True)
+        pos, had = g.log.targets_of(distinct)  # every item each user has had: served queries exclude them
+        pairs = set(zip(pos.tolist(), had.tolist()))
+        novel = np.fromiter((p not in pairs for p in zip(inverse.tolist(), items.tolist())), bool, len(items))
         pick = np.flatnonzero(novel)
         if len(pick) > self.select_events:
             pick = np.sort(self._rng.choice(pick, self.select_events, replace=False))
         if not len(pick):
             return
-        users, items, buffered, seen_mask = users[pick], items[pick], buffered[pick], seen_mask[pick]
+        users, items, inverse = users[pick], items[pick], inverse[pick]
         pool = self.known_item_rows()
         n_items = len(pool)
         if n_items > self.select_items:
@@ -409,8 +411,12 @@ class SSMTLModel:
         columns = np.r_[items, pool]  # each event's own item first (its positive), then the pool that competes
         blocks = [q @ k.T for q, k in zip(self.query_blocks(users), self.key_blocks(columns))]
         excluded = np.ones((len(items), len(columns)), dtype=bool)
-        has = ((buffered[:, :, None] == pool[None, None, :]) & seen_mask[:, :, None]).any(axis=1)
-        excluded[:, len(items) :] = has | (pool[None, :] == items[:, None])  # what the user has, the item itself
+        excluded[:, len(items) :] = pool[None, :] == items[:, None]
+        column = np.full(g.n_rows(g.item_type), -1, dtype=np.int64)
+        column[pool] = np.arange(len(pool)) + len(items)
+        for event, user in enumerate(inverse.tolist()):  # the user's items so far do not compete
+            cols = column[had[pos == user]]
+            excluded[event, cols[cols >= 0]] = True
         ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, self.selector.candidates)
         self.selector.record(ranks, g.degree[users], max(20.0 * len(pool) / max(n_items, 1), 1.0))
 
