@@ -14,13 +14,13 @@ from ebrflow.ops.history import BatchRecord, HistoryWriter
 from ebrflow.ops.metrics import PipelineMetrics
 from ebrflow.ops.prequential import Evaluation, PrequentialEvaluator
 from ebrflow.ops.status import StatusLine
-from ebrflow.stream.pipeline import BatchResult
+from ebrflow.stream.policy import BatchResult
 
 log = logging.getLogger(__name__)
 
 
 class MetricsObserver:
-    """Implements ``stream.pipeline.Observer``: metrics on every hook, test-then-train scores, drift, history."""
+    """Implements ``stream.policy.Observer``: metrics on every hook, test-then-train scores, drift, history."""
 
     def __init__(
         self,
@@ -73,7 +73,7 @@ class MetricsObserver:
         self._batches += 1
         self._errors.clear()
         m.batches.inc()
-        m.events_trained.inc(len(result.batch))
+        m.events_trained.inc(result.own)
         m.batch_size.observe(len(result.batch))
         m.batch_duration.observe(sum(result.stage_seconds.values()))
         for stage, secs in result.stage_seconds.items():

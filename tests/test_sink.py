@@ -128,7 +128,7 @@ def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings)
         seen_committed = committed()
         acked = {p: o for (_, p), o in trainer.pipeline.offsets.items()}
         # overlap: the trainer went on training while the upsert was held, up to the queue depth
-        assert trainer.pipeline.sink.in_flight == trainer.pipeline.publish_depth
+        assert trainer.pipeline.publishing.sink.in_flight == trainer.pipeline.publishing.depth
         for p, off in seen_committed.items():
             assert off <= acked.get(p, 0), f"partition {p}: committed {off} past acknowledged {acked.get(p)}"
         assert trained_count(trainer) == 2000  # nothing counts as trained before Milvus acknowledges it

@@ -1,0 +1,458 @@
+"""The consumer thread: the one owner of the ``KafkaConsumer`` (poll, decode, dead letters, pause, seek, commit).
+
+Training overlaps I/O: while the loop trains batch n, this thread polls and decodes batch n+1 (and, when the
+loop is slower, one more: ``backlog`` closed batches wait at most). Every consumer call runs on this thread:
+the loop *asks* (``pause``, ``resume``, ``commit``, ``end_offsets``, ``lag``) and the request runs between two
+polls. What does not change (each is tested on the real broker):
+
+- A record's offset counts only once the loop acknowledged its batch; the loop requests commits of acknowledged
+  offsets only. Positions, pauses and rebalances are ``PartitionGate``'s: records polled while paused are sought
+  back, never dropped, and a partition resumes after the last record taken.
+- A batch with dead letters is handed over only once they are durable (``DeadLetterWriter.flush``, retried with
+  backoff while every partition is paused): no commit can cover a lost letter.
+- With the backlog full the thread stops fetching (after a second, it pauses and keeps polling, so the consumer
+  keeps its group membership through a long Milvus outage).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError
+
+from ebrflow.stream.batcher import MicroBatcher, Taken
+from ebrflow.stream.kafka_io import DeadLetterWriter
+from ebrflow.stream.pausing import Offsets, PartitionGate
+from ebrflow.stream.policy import Observer
+from ebrflow.stream.schema import EventCodec, InvalidEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+BLOCKED_PAUSE_S = 1.0  # a full backlog this long pauses the partitions (and polls for the membership)
+
+
+class _Abandoned(Exception):
+    """Stopped while the dead-letter topic kept failing: the open batch is dropped (none of it is committed)."""
+
+
+class _Request:
+    """A call the loop asked the thread to make; ``wait`` blocks until it ran."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+        self.done.set()
+
+    def wait(self, timeout_s: float) -> Any:
+        if not self.done.wait(timeout_s):
+            raise TimeoutError("the consumer thread did not answer in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ConsumerThread:
+    """Polls ``topic`` into micro-batches on its own thread (see the module doc); the loop ``take``s them."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        topic: str,
+        codec: EventCodec,
+        dlq: DeadLetterWriter,
+        batcher: MicroBatcher,
+        observer: Observer,
+        max_backoff_s: float = 30.0,
+        backlog: int = 1,
+    ) -> None:
+        self.consumer, self.topic, self.codec, self.dlq = consumer, topic, codec, dlq
+        self.batcher, self.observer, self.max_backoff_s, self.backlog = batcher, observer, max_backoff_s, backlog
+        self.gate = PartitionGate(consumer)
+        self.consumed = self.invalid = 0
+        self._cond = threading.Condition()
+        self._ready: deque[Taken] = deque()
+        self._requests: deque[_Request] = deque()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stopping = self._closed = self.exhausted = self.idle = self._away = False
+        self._limit: int | None = None
+        self._idle_exit_s: float | None = None
+        self._last_activity = time.monotonic()
+        self._blocked_since: float | None = None
+        self._batch_invalid = 0
+        self._io = {"poll": 0.0, "decode": 0.0}
+        self._held: tuple[int, int] = (0, 0)
+        self._reported: tuple[tuple[int, int], bool] | None = None
+        self._committed: Offsets = {}
+
+    # --- the loop's side ---------------------------------------------------------------------------------------
+
+    def start(
+        self, start_offsets: Offsets, from_beginning: bool, max_events: int | None, idle_exit_s: float | None
+    ) -> None:
+        """Subscribe and start polling: partitions not read yet start at ``start_offsets`` (else their beginning
+        when ``from_beginning``, else the group's committed offset); at most ``max_events`` records; ``idle``
+        once no record came for ``idle_exit_s`` while the consumer was in its group and not held back."""
+        self.gate.start_offsets, self.gate.from_beginning = dict(start_offsets), from_beginning
+        self._limit, self._idle_exit_s = max_events, idle_exit_s
+        self.exhausted = max_events is not None and max_events <= 0
+        if self.exhausted:
+            self.gate.pause("exhausted")
+        self._last_activity = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="ebrflow-consumer", daemon=True)
+        self._thread.start()
+
+    def take(self, timeout_s: float, flush: bool = False) -> Taken:
+        """The next closed batch, waiting up to ``timeout_s``; with ``flush`` the open batch is closed at the
+        deadline (the ranks' cadence); else ``Taken.nothing`` (``last`` when no batch will follow)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._error or self._finished(), timeout_s)
+            if self._error is not None:
+                raise self._error
+            if self._ready:
+                taken = self._ready.popleft()
+                self._cond.notify_all()
+                return taken
+        if flush and self.call(self._close_open, timeout_s=30.0):
+            return self.take(0.0)
+        with self._cond:
+            return Taken.nothing(last=self._finished())
+
+    def call(self, fn: Callable[[], T], timeout_s: float = 30.0) -> T:
+        """Run ``fn`` on the consumer thread and return its result (inline when the thread does not run)."""
+        request = _Request(fn)
+        if self._thread is None or not self._thread.is_alive():
+            request.run()
+        else:
+            with self._cond:
+                self._requests.append(request)
+        return request.wait(timeout_s)
+
+    def send(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the consumer thread soon, without waiting (inline when the thread does not run)."""
+        request = _Request(fn)
+        if self._thread is None or not self._thread.is_alive():
+            request.run()
+            return
+        with self._cond:
+            self._requests.append(request)
+
+    def pause(self, reason: str) -> None:
+        """Stop fetching until ``resume(reason)`` (reasons stack; see ``PartitionGate``)."""
+        self.send(lambda: self.gate.pause(reason))
+
+    def resume(self, reason: str) -> None:
+        """Drop a pause reason."""
+        self.send(lambda: self.gate.resume(reason))
+
+    def commit(self, offsets: Offsets, wait: bool = False) -> None:
+        """Commit ``offsets`` of held partitions that are ahead of the last commit (never backwards)."""
+        offsets = dict(offsets)
+        if wait:
+            self.call(lambda: self._commit(offsets), timeout_s=60.0)
+        else:
+            self.send(lambda: self._commit(offsets))
+
+    def held(self) -> tuple[int, int]:
+        """(partitions of the topic this consumer holds, partitions of the topic), as last polled."""
+        return self._held
+
+    def holding(self) -> bool:
+        """Whether this consumer holds every partition of the topic."""
+        assigned, total = self._held
+        return total > 0 and assigned == total
+
+    @property
+    def joined(self) -> bool:
+        """In the group: between an assignment and the next revocation."""
+        return self.gate.joined
+
+    def positions(self) -> Offsets:
+        """The next offset each partition continues at (a copy)."""
+        return self.call(lambda: dict(self.gate.next_offsets))
+
+    def raise_positions(self, offsets: Offsets) -> None:
+        """Continue each partition at least at ``offsets`` once (re)assigned here (ranks: where the job trained)."""
+
+        def apply() -> None:
+            for key, offset in offsets.items():
+                if self.gate.next_offsets.get(key, -1) < offset:
+                    self.gate.next_offsets[key] = offset
+
+        self.send(apply)
+
+    def end_offsets(self) -> Offsets:
+        """The broker's end offset of every partition of the topic."""
+
+        def ask() -> Offsets:
+            parts = [
+                TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [])
+            ]
+            ends = self.consumer.end_offsets(parts) if parts else {}
+            return {(tp.topic, tp.partition): int(end) for tp, end in ends.items()}
+
+        return self.call(ask)
+
+    def lag(self, report: Callable[[dict[int, int]], None]) -> None:
+        """Measure records behind the end per held partition and hand them to ``report`` (asynchronously)."""
+
+        def measure() -> None:
+            assigned = list(self.consumer.assignment())
+            if not assigned:
+                return
+            try:
+                ends = self.consumer.end_offsets(assigned, timeout_ms=2000)  # never stall polling for long
+                report({tp.partition: max(ends[tp] - (self.consumer.position(tp) or 0), 0) for tp in assigned})
+            except KafkaError as exc:
+                self.observer.on_error("lag", exc)
+
+        self.send(measure)
+
+    def leave(self) -> None:
+        """Leave the group (its partitions move to the other members) until ``join``."""
+
+        def away() -> None:
+            self.gate.joined, self._away = False, True
+            self.consumer.unsubscribe()
+
+        self.send(away)
+
+    def join(self) -> None:
+        """Join the group again after ``leave``."""
+
+        def back() -> None:
+            self.consumer.subscribe([self.topic], listener=self.gate)
+            self._away = False
+
+        self.send(back)
+
+    def stop(self) -> None:
+        """Read no more records: the open batch is closed and handed over, then ``take`` reports ``last``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread once it ran the requests queued so far (the consumer itself stays open)."""
+        self.stop()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    def _finished(self) -> bool:
+        return not self._ready and (self.exhausted or self.idle)
+
+    # --- the thread's side -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.consumer.subscribe([self.topic], listener=self.gate)
+            while not self._closed:
+                self._serve_requests()
+                if self.exhausted or self._away:
+                    self._keepalive(0.1)
+                    continue
+                self._poll()
+                self._close_if_due()
+                self._report_held()
+        except _Abandoned:
+            self.exhausted = True
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the loop's next take()
+            log.exception("consumer thread failed")
+            self._error = exc
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+            while not self._closed and self._error is None:  # keep answering requests (the final commit)
+                self._serve_requests()
+                time.sleep(0.02)
+            self._serve_requests()
+
+    def _serve_requests(self) -> None:
+        while True:
+            with self._cond:
+                if not self._requests:
+                    return
+                request = self._requests.popleft()
+            request.run()
+
+    def _room(self) -> int:
+        """Records the next poll may take (0: the backlog is full, the limit is reached, or stopping)."""
+        with self._cond:
+            blocked = len(self._ready) >= self.backlog
+        limit = 0 if blocked or self._stopping else self.batcher.room()
+        if self._limit is not None:
+            limit = min(limit, self._limit - self.consumed)
+        return max(limit, 0)
+
+    def _poll(self) -> None:
+        room = self._room()
+        if room == 0 and not self._hold_back_for_room():
+            return
+        wait_ms = 100
+        if self.batcher.pending():
+            wait_ms = int(min(max(self.batcher.max_wait_s - self.batcher.age(), 0.0), 0.1) * 1000)
+        t0 = time.perf_counter()
+        try:
+            polled = self.consumer.poll(timeout_ms=wait_ms, max_records=max(room, 1))
+        except KafkaError as exc:
+            self.observer.on_error("poll", exc)
+            time.sleep(0.5)
+            return
+        t1 = time.perf_counter()
+        holding = self.gate.joined and "exclusive" not in self.gate.reasons
+        if self.gate.paused or room == 0:
+            self.gate.hold_back(polled)  # leaked through a rebalance, or no room: read again later
+            polled = {}
+        n = 0
+        for tp, records in polled.items():
+            for rec in records:
+                self._take(rec, tp)
+                n += 1
+        if n:
+            self._io["poll"] += t1 - t0
+            self._io["decode"] += time.perf_counter() - t1
+            self.consumed += n
+            self.observer.on_consumed(n)
+        if n or not holding:  # joining the group, waiting for the topic: not idleness
+            self._last_activity = time.monotonic()
+        idle_s = self._idle_exit_s
+        self.idle = (
+            idle_s is not None and time.monotonic() - self._last_activity > idle_s and not self.batcher.pending()
+        )
+
+    def _hold_back_for_room(self) -> bool:
+        """No room: wait for the loop; after ``BLOCKED_PAUSE_S`` pause and poll (True) to stay in the group."""
+        now = time.monotonic()
+        if self._blocked_since is None:
+            self._blocked_since = now
+        if now - self._blocked_since < BLOCKED_PAUSE_S or self._stopping:
+            with self._cond:
+                self._cond.wait(0.02)
+            return False
+        if "backlog" not in self.gate.reasons:
+            self.gate.pause("backlog")
+        return True
+
+    def _take(self, rec: ConsumerRecord, tp: TopicPartition) -> None:
+        self.gate.taken(tp.topic, tp.partition, rec.offset)
+        self.batcher.add_offset((tp.topic, tp.partition), rec.offset)
+        try:
+            event = self.codec.decode(rec.value)
+        except InvalidEvent as exc:
+            self.dlq.send(rec.key, rec.value, exc.reason, exc.detail, tp.topic, tp.partition, rec.offset)
+            self._batch_invalid += 1
+            self.invalid += 1
+            self.observer.on_invalid(exc.reason, exc.detail)
+            return
+        self.batcher.add(event, record_ts_ms=rec.timestamp or 0)
+
+    def _close_if_due(self) -> None:
+        limit_reached = self._limit is not None and self.consumed >= self._limit
+        if self.batcher.due() or ((self._stopping or limit_reached) and self.batcher.pending()):
+            self._close()
+        if self._room() > 0:
+            self._blocked_since = None
+            if "backlog" in self.gate.reasons:
+                self.gate.resume("backlog")
+        if (self._stopping or limit_reached) and not self.batcher.pending():
+            self.exhausted = True
+            self.gate.pause("exhausted")  # nothing more is read: keep the membership without fetching
+            with self._cond:
+                self._cond.notify_all()
+
+    def _close_open(self) -> bool:
+        """Close the open batch now (the ranks' cadence); True if there was one."""
+        if not self.batcher.pending():
+            return False
+        try:
+            self._close()
+        except _Abandoned:
+            self.exhausted = True
+            return False
+        return True
+
+    def _close(self) -> None:
+        """Hand the open batch to the loop, once its dead letters are durable."""
+        taken = self.batcher.close()
+        taken.invalid, self._batch_invalid = self._batch_invalid, 0
+        if taken.invalid:
+            self._flush_letters()
+        taken.io_seconds, self._io = self._io, {"poll": 0.0, "decode": 0.0}
+        with self._cond:
+            self._ready.append(taken)
+            self._cond.notify_all()
+
+    def _flush_letters(self) -> None:
+        """Flush the dead letters, retrying with backoff while every partition is paused."""
+        backoff = 0.5
+        while True:
+            try:
+                self.dlq.flush(timeout_s=5.0)
+            except Exception as exc:  # noqa: BLE001 - a broker failure is retried, never fatal
+                self.observer.on_error("dlq", exc)
+                if "dlq" not in self.gate.reasons:
+                    log.warning("dlq failed (%s); pausing consumption and retrying with backoff", exc)
+                    self.gate.pause("dlq")
+                if self._stopping or self._closed:
+                    raise _Abandoned from exc
+                self._keepalive(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            if "dlq" in self.gate.reasons:
+                log.info("dlq recovered")
+                self.gate.resume("dlq")
+            return
+
+    def _keepalive(self, seconds: float) -> None:
+        """Wait ``seconds`` while answering requests and polling (records leaking through are sought back)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._closed:
+            self._serve_requests()
+            if self._away:
+                time.sleep(0.05)
+                continue
+            try:
+                self.gate.hold_back(self.consumer.poll(timeout_ms=100, max_records=1))
+            except KafkaError:
+                time.sleep(0.1)
+            self._report_held()
+
+    def _report_held(self) -> None:
+        """Publish (assigned, total) partitions; tell the observer when they or the pause changed."""
+        assigned = sum(1 for tp in self.consumer.assignment() if tp.topic == self.topic)
+        total = len(self.consumer.partitions_for_topic(self.topic) or ())
+        self._held = (assigned, total)
+        state = (self._held, self.gate.paused)
+        if state != self._reported:  # gauges only on change: this runs every poll
+            self._reported = state
+            self.observer.on_partitions(assigned, total, self.gate.paused)
+
+    def _commit(self, offsets: Offsets) -> None:
+        held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        ahead = {k: o for k, o in offsets.items() if k in held and o > self._committed.get(k, -1)}
+        if not ahead:
+            return
+        meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in ahead.items()}
+        try:
+            self.consumer.commit(meta, timeout_ms=5000)  # retried with the next checkpoint anyway
+        except (CommitFailedError, KafkaError) as exc:
+            # The checkpoint holds these offsets; a restart resumes from it whatever Kafka has.
+            self.observer.on_error("commit", exc)
+            log.warning("offset commit failed (%s); the checkpoint still holds the position", exc)
+            return
+        self._committed.update(ahead)
