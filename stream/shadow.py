@@ -118,8 +118,9 @@ class ShadowVariants(Policy):
         lead = self.coordinator.leader
         for v in self.variants:
             store = v.publisher.store
-            chosen = loop.retrying("publish", lambda v=v: store.use_generation(v.choose())) if lead else None
-            generation = self.coordinator.share(store.generation if lead else chosen)  # the leader created it
+            if lead:
+                loop.retrying("publish", lambda v=v: v.publisher.store.use_generation(v.choose()))
+            generation = self.coordinator.share(store.generation)  # the leader created it; the others open it
             loop.retrying("publish", lambda s=store, g=generation: s.use_generation(g))
             loop.retrying("publish", v.republish_all)
             self.coordinator.barrier()
