@@ -21,14 +21,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from concurrent.futures import Future
+from typing import TypeVar
 
-from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 
 from ebrflow.stream.batcher import MicroBatcher, Taken
-from ebrflow.stream.kafka_io import DeadLetterWriter
+from ebrflow.stream.kafka_io import DeadLetterWriter, commit_ahead, end_offsets, partition_lag
 from ebrflow.stream.pausing import Offsets, PartitionGate
 from ebrflow.stream.policy import Observer
 from ebrflow.stream.schema import EventCodec, InvalidEvent
@@ -40,27 +41,6 @@ BLOCKED_PAUSE_S = 1.0  # a full backlog this long pauses the partitions (and pol
 
 class _Abandoned(Exception):
     """Stopped while the dead-letter topic kept failing: the open batch is dropped (none of it is committed)."""
-
-
-class _Request:
-    """A call the loop asked the thread to make; ``wait`` blocks until it ran."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
-            self.error = exc
-        self.done.set()
-
-    def wait(self, timeout_s: float) -> Any:
-        if not self.done.wait(timeout_s):
-            raise TimeoutError("the consumer thread did not answer in time")
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 class ConsumerThread:
@@ -83,7 +63,7 @@ class ConsumerThread:
         self.consumed = self.invalid = 0
         self._cond = threading.Condition()
         self._ready: deque[Taken] = deque()
-        self._requests: deque[_Request] = deque()
+        self._requests: deque[tuple[Callable, Future]] = deque()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stopping = self._closed = self.exhausted = self.idle = self._away = False
@@ -95,7 +75,7 @@ class ConsumerThread:
         self._io = {"poll": 0.0, "decode": 0.0}
         self._held: tuple[int, int] = (0, 0)
         self._reported: tuple[tuple[int, int], bool] | None = None
-        self._committed: Offsets = {}
+        self._committed: Offsets = {}  # what this process committed last, per partition
 
     # --- the loop's side ---------------------------------------------------------------------------------------
 
@@ -130,40 +110,29 @@ class ConsumerThread:
         with self._cond:
             return Taken.nothing(last=self._finished())
 
-    def call(self, fn: Callable[[], T], timeout_s: float = 30.0) -> T:
-        """Run ``fn`` on the consumer thread and return its result (inline when the thread does not run)."""
-        request = _Request(fn)
-        if self._thread is None or not self._thread.is_alive():
-            request.run()
-        else:
-            with self._cond:
-                self._requests.append(request)
-        return request.wait(timeout_s)
-
-    def send(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the consumer thread soon, without waiting (inline when the thread does not run)."""
-        request = _Request(fn)
-        if self._thread is None or not self._thread.is_alive():
-            request.run()
-            return
+    def call(self, fn: Callable[[], T], wait: bool = True, timeout_s: float = 30.0) -> T | None:
+        """Run ``fn`` on the consumer thread (inline when it does not run); with ``wait``, return its result."""
+        future: Future = Future()
         with self._cond:
-            self._requests.append(request)
+            queued = self._thread is not None and self._thread.is_alive()
+            if queued:
+                self._requests.append((fn, future))
+        if not queued:
+            _run(fn, future)
+        return future.result(timeout_s) if wait else None
 
     def pause(self, reason: str) -> None:
         """Stop fetching until ``resume(reason)`` (reasons stack; see ``PartitionGate``)."""
-        self.send(lambda: self.gate.pause(reason))
+        self.call(lambda: self.gate.pause(reason), wait=False)
 
     def resume(self, reason: str) -> None:
         """Drop a pause reason."""
-        self.send(lambda: self.gate.resume(reason))
+        self.call(lambda: self.gate.resume(reason), wait=False)
 
     def commit(self, offsets: Offsets, wait: bool = False) -> None:
         """Commit ``offsets`` of held partitions that are ahead of the last commit (never backwards)."""
         offsets = dict(offsets)
-        if wait:
-            self.call(lambda: self._commit(offsets), timeout_s=60.0)
-        else:
-            self.send(lambda: self._commit(offsets))
+        self.call(lambda: commit_ahead(self.consumer, offsets, self._committed, self.observer), wait, 60.0)
 
     def held(self) -> tuple[int, int]:
         """(partitions of the topic this consumer holds, partitions of the topic), as last polled."""
@@ -191,34 +160,22 @@ class ConsumerThread:
                 if self.gate.next_offsets.get(key, -1) < offset:
                     self.gate.next_offsets[key] = offset
 
-        self.send(apply)
+        self.call(apply, wait=False)
 
     def end_offsets(self) -> Offsets:
         """The broker's end offset of every partition of the topic."""
-
-        def ask() -> Offsets:
-            parts = [
-                TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [])
-            ]
-            ends = self.consumer.end_offsets(parts) if parts else {}
-            return {(tp.topic, tp.partition): int(end) for tp, end in ends.items()}
-
-        return self.call(ask)
+        return self.call(lambda: end_offsets(self.consumer, self.topic))
 
     def lag(self, report: Callable[[dict[int, int]], None]) -> None:
         """Measure records behind the end per held partition and hand them to ``report`` (asynchronously)."""
 
         def measure() -> None:
-            assigned = list(self.consumer.assignment())
-            if not assigned:
-                return
             try:
-                ends = self.consumer.end_offsets(assigned, timeout_ms=2000)  # never stall polling for long
-                report({tp.partition: max(ends[tp] - (self.consumer.position(tp) or 0), 0) for tp in assigned})
+                report(partition_lag(self.consumer))
             except KafkaError as exc:
                 self.observer.on_error("lag", exc)
 
-        self.send(measure)
+        self.call(measure, wait=False)
 
     def leave(self) -> None:
         """Leave the group (its partitions move to the other members) until ``join``."""
@@ -227,7 +184,7 @@ class ConsumerThread:
             self.gate.joined, self._away = False, True
             self.consumer.unsubscribe()
 
-        self.send(away)
+        self.call(away, wait=False)
 
     def join(self) -> None:
         """Join the group again after ``leave``."""
@@ -236,7 +193,7 @@ class ConsumerThread:
             self.consumer.subscribe([self.topic], listener=self.gate)
             self._away = False
 
-        self.send(back)
+        self.call(back, wait=False)
 
     def stop(self) -> None:
         """Read no more records: the open batch is closed and handed over, then ``take`` reports ``last``."""
@@ -287,8 +244,8 @@ class ConsumerThread:
             with self._cond:
                 if not self._requests:
                     return
-                request = self._requests.popleft()
-            request.run()
+                fn, future = self._requests.popleft()
+            _run(fn, future)
 
     def _room(self) -> int:
         """Records the next poll may take (0: the backlog is full, the limit is reached, or stopping)."""
@@ -442,17 +399,10 @@ class ConsumerThread:
             self._reported = state
             self.observer.on_partitions(assigned, total, self.gate.paused)
 
-    def _commit(self, offsets: Offsets) -> None:
-        held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        ahead = {k: o for k, o in offsets.items() if k in held and o > self._committed.get(k, -1)}
-        if not ahead:
-            return
-        meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in ahead.items()}
-        try:
-            self.consumer.commit(meta, timeout_ms=5000)  # retried with the next checkpoint anyway
-        except (CommitFailedError, KafkaError) as exc:
-            # The checkpoint holds these offsets; a restart resumes from it whatever Kafka has.
-            self.observer.on_error("commit", exc)
-            log.warning("offset commit failed (%s); the checkpoint still holds the position", exc)
-            return
-        self._committed.update(ahead)
+
+def _run(fn: Callable[[], object], future: Future) -> None:
+    """Run a request, handing its result or error to whoever waits on ``future``."""
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # noqa: BLE001 - handed to the caller
+        future.set_exception(exc)
