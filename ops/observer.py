@@ -11,7 +11,7 @@ import numpy as np
 from ebrflow.model.base import Batch
 from ebrflow.ops.drift import NoDrift, cosine_shift
 from ebrflow.ops.history import BatchRecord, HistoryWriter
-from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.metrics import PipelineMetrics, observe_many
 from ebrflow.ops.prequential import Evaluation, PrequentialEvaluator
 from ebrflow.ops.status import StatusLine
 from ebrflow.stream.policy import BatchResult
@@ -101,15 +101,15 @@ class MetricsObserver:
             if oldest is not None:
                 m.staleness.labels(collection).set(max(result.published_at - oldest, 0.0))
         lag_s = result.published_at - result.record_ts_ms[result.record_ts_ms > 0] / 1000.0
-        for value in lag_s if not pub.held else ():
-            m.freshness.observe(max(value, 0.0))
+        if not pub.held:
+            observe_many(m.freshness, np.maximum(lag_s, 0.0))
         item_shift = cosine_shift(pub.item_previous, pub.item_vectors, pub.item_existed)
-        for value in item_shift:
-            m.embedding_shift.labels("items").observe(value)
-        for value in cosine_shift(pub.user_previous, pub.user_vectors, pub.user_existed):
-            m.embedding_shift.labels("users").observe(value)
+        observe_many(m.embedding_shift.labels("items"), item_shift)
+        observe_many(
+            m.embedding_shift.labels("users"), cosine_shift(pub.user_previous, pub.user_vectors, pub.user_existed)
+        )
         ev = self._last
-        figures, drifted = self.drift.observe(pub, ev.all.recall if ev else None)
+        figures, drifted = self.drift.observe(pub, ev.all.recall if ev else None, item_shift=item_shift)
         for signal in drifted:
             m.drift_detected.labels(signal).inc()
             log.warning("drift detected in %s at batch %d (model version %d)", signal, self._batches, pub.version)

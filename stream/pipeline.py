@@ -137,7 +137,7 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.summary = RunSummary()
         self._running = False
-        self._checkpoint_s = 0.0  # checkpoint seconds, reported with the next batch
+        self._checkpoint_s = self._observe_s = 0.0  # checkpoint and observer seconds, reported with the next batch
 
     def stop(self) -> None:
         """Finish the current batch and exit (interrupts retries: then nothing more is committed)."""
@@ -218,8 +218,9 @@ class Pipeline:
 
     def _step(self, taken: Taken) -> None:
         """Evaluate, train and queue the batch's rows for Milvus; its offsets count once Milvus acknowledges."""
-        step, stages = Step(taken.batch), {**taken.io_seconds, "checkpoint": self._checkpoint_s}
-        self._checkpoint_s = 0.0
+        step = Step(taken.batch)
+        stages = {**taken.io_seconds, "checkpoint": self._checkpoint_s, "observe": self._observe_s}
+        self._checkpoint_s = self._observe_s = 0.0
         interactions = (step.batch.user_ids, step.batch.item_ids)
         if len(step.batch):
             t0 = time.perf_counter()
@@ -287,11 +288,13 @@ class Pipeline:
             self.summary.trained += taken.own
             if len(taken.batch):
                 stages["publish"] = sum(job.upsert_seconds.values())
+                t0 = time.perf_counter()
                 self.observer.after_batch(
                     BatchResult(
                         taken.batch, taken.record_ts, report, published, job.acked_at, stages, taken.invalid, taken.own
                     )
                 )
+                self._observe_s += time.perf_counter() - t0
         return batches
 
     def _collect(self) -> None:
