@@ -367,6 +367,9 @@ class Pipeline:
 
     def _wait(self, seconds: float) -> None:
         """Sleep up to ``seconds`` (less if stopped); the consumer thread keeps the group membership."""
+        if self.stop_event.is_set():  # stopping: still wait a little (draining) without spinning
+            time.sleep(min(seconds, 0.01))
+            return
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self.stop_event.is_set():
             self.observer.on_tick(time.monotonic())  # status lines go on during an outage
