@@ -36,6 +36,7 @@ from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.checkpointer import Checkpointer
 from ebrflow.stream.consumer import ConsumerThread
 from ebrflow.stream.exclusive import Exclusivity
+from ebrflow.stream.expiry import Expiry
 from ebrflow.stream.generation_switch import GenerationSwitch
 from ebrflow.stream.generator import EventArrays
 from ebrflow.stream.guard import GuardPolicy, RecallGuard
@@ -51,13 +52,14 @@ from ebrflow.stream.shadow import ShadowVariants, Variant, variant_prefix
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig) -> RetrievalModel:
+def build_model(cfg: ModelConfig, expire_after_s: float = 0.0) -> RetrievalModel:
     """The configured model; ``options`` go to its constructor as extra keyword arguments.
 
     ``graph="user_user"`` makes the SSMTL graph user–user with both edge directions stored; ``temperature`` is
     the two-tower softmax temperature, or SSMTL's retrieval task's (``options.tasks.retrieval``).
     With ``popularity_half_life`` > 0 the model is wrapped in ``PopularityPrior`` and built one dimension
-    smaller, so the published vectors have exactly ``cfg.dim`` coordinates.
+    smaller, so the published vectors have exactly ``cfg.dim`` coordinates. ``expire_after_s`` > 0 (expiry on) is
+    also the SSMTL graph's TTL: edges older than the span are not sampled.
     """
     torch.set_num_threads(cfg.threads)
     threadpool_limits(cfg.threads)  # BLAS too (spectral refits): oversubscribed BLAS threads cost up to 8x here
@@ -75,6 +77,8 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
 
         graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
         options = {**graph, **cfg.options}
+        if expire_after_s > 0:
+            options.setdefault("ttl_ms", int(expire_after_s * 1000))
         tasks = {name: dict(settings) for name, settings in options.pop("tasks", DEFAULT_TASKS).items()}
         if "retrieval" in tasks:
             tasks["retrieval"]["temperature"] = cfg.temperature
@@ -311,6 +315,8 @@ def build_policies(
     if g.enabled:
         guard = RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events, g.loss_factor)
         policies.append(GuardPolicy(guard, g.snapshot_every))
+    if run.expire_after_s:
+        policies.append(Expiry(run.expire_after_s))
     return policies
 
 
@@ -350,7 +356,7 @@ def build_trainer(
             k.client_kwargs(),
             k.replication_factor,
         )
-    model = model or build_model(settings.model)
+    model = model or build_model(settings.model, run.expire_after_s)
     store = open_store(settings)
     publisher = Publisher(store)
     metrics = metrics or PipelineMetrics()

@@ -133,7 +133,7 @@ def build_rank(
     from ebrflow.stream.ranked import OwnedStore, RankedSource, RankGroup, ReplicaCheck
 
     run = settings.run
-    trainer = ReplicatedTrainer(build_model(settings.model))  # type: ignore[arg-type]
+    trainer = ReplicatedTrainer(build_model(settings.model, run.expire_after_s))  # type: ignore[arg-type]
     served = open_store(settings)
     store = OwnedStore(served, rank, world)
     publisher = Publisher(store)  # type: ignore[arg-type]

@@ -73,6 +73,21 @@ class EmbeddingMirror:
         self._written[rows] = at
         return previous, existed
 
+    def remove(self, ids: np.ndarray) -> int:
+        """Forget ``ids`` (unknown ones are skipped): the last rows move into the holes; returns how many."""
+        rows = np.sort(self.rows_of(ids))
+        rows = np.unique(rows[rows >= 0])
+        if not len(rows):
+            return 0
+        keep = np.ones(self._n, dtype=bool)
+        keep[rows] = False
+        n = int(keep.sum())
+        for name in ("_ids", "_vectors", "_written"):
+            arr = getattr(self, name)
+            arr[:n] = arr[: self._n][keep]
+        self._n, self._index = n, None
+        return len(rows)
+
     def oldest_write(self) -> float | None:
         """When the least recently published row was written (None while empty)."""
         return float(self._written[: self._n].min()) if self._n else None

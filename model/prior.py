@@ -79,6 +79,13 @@ class PopularityPrior:
         prior = self.scale * self.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
         return np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
 
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget ids in the inner model and the removed items' popularity counts."""
+        self.model.expire(user_ids, item_ids)
+        rows = self._items.remove(np.asarray(item_ids, dtype=np.int64))
+        self._frequency.reset(rows)
+        self._lifetime.reset(rows)
+
     def known_items(self) -> np.ndarray:
         """The inner model's items."""
         return self.model.known_items()

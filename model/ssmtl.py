@@ -452,11 +452,26 @@ class SSMTLModel:
     def known_items(self) -> np.ndarray:
         """Item ids seen so far (in user–user mode: users that appeared as targets)."""
         ids = self.graph.items.ids()
-        return ids if self.graph.mode == "bipartite" else ids[self._is_target[: len(ids)]]
+        return ids if self.graph.mode == "bipartite" else ids[self._is_target[self.graph.items.lookup(ids)]]
 
     def known_users(self) -> np.ndarray:
         """User ids seen so far (in user–user mode: every node)."""
         return self.graph.users.ids()
+
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget ids (unseen for at least the graph's TTL): their rows lose their neighbours and edges, id embedding
+        (and its optimiser state), spectral vector, side features, replayed events and item counts; ids added later
+        reuse the rows."""
+        g, enc = self.graph, self.encoder
+        users, items = g.expire(user_ids, item_ids)
+        for t, rows in enumerate((users, items)[: g.n_types]):
+            enc.tables[t].reset(rows[rows < enc.tables[t].capacity], self._optimizer.optimizers[0])
+            for values in (enc.base(t), enc.features(t)):
+                values[torch.as_tensor(rows[rows < len(values)])] = 0
+        self.reservoir.drop(users, items)
+        self.frequency.reset(items)
+        self._is_target[items[items < len(self._is_target)]] = False
+        self._cache = None
 
     def user_degree(self, user_ids: np.ndarray) -> np.ndarray:
         """Lifetime events per user; small values mark cold users."""

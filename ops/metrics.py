@@ -253,6 +253,12 @@ class PipelineMetrics:
             ["role"],
             registry=r,
         )
+        self.expired = Counter(
+            "ebrflow_expired",
+            "Ids unseen for run.expire_after_s of event time, forgotten and their Milvus rows deleted, by collection.",
+            ["collection"],
+            registry=r,
+        )
         self.trainer_refused = Counter(
             "ebrflow_trainer_refused", "Starts refused because another trainer holds part of the topic.", registry=r
         )
@@ -265,6 +271,7 @@ class PipelineMetrics:
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for collection in COLLECTIONS:
+            self.expired.labels(collection)
             self.upsert_duration.labels(collection)
             self.upserted.labels(collection)
             self.indexed.labels(collection)

@@ -192,6 +192,14 @@ class MetricsObserver:
         if self.status is not None:
             self.status.maybe_log(now)
 
+    def on_expired(self, users: np.ndarray, items: np.ndarray, deleted: dict[str, int]) -> None:
+        """Count the Milvus rows deleted for expired ids; forget the expired users' event counts."""
+        for collection, n in deleted.items():
+            self.metrics.expired.labels(collection).inc(n)
+        prior = self.evaluator.core.prior
+        for u in users.tolist():
+            prior.pop(u, None)
+
     def on_generation(self, served: int | None, writing: int) -> None:
         """Record the served and the written Milvus generation (0: none served yet)."""
         self.metrics.generation.labels("served").set(served or 0)

@@ -11,7 +11,8 @@ loop. The loop calls, per run and per batch, in this order:
   (its rows are queued for Milvus);
 - ``at_checkpoint``: before a checkpoint is written (everything trained is acknowledged);
 - ``on_tick``: once per loop iteration (ranks: the same iteration on every rank);
-- ``on_finish``: at the end of a run, before the final checkpoint.
+- ``on_finish``: at the end of a run, before the final checkpoint;
+- ``on_expire``: ids unseen for the expiry span are being forgotten (``stream.expiry``).
 
 Ranks run the same hooks in lockstep; a policy that must act once per job (an alias switch) asks the
 ``Coordinator`` (``Solo`` for one trainer, ``stream.ranked.RankGroup`` for ranks).
@@ -93,6 +94,9 @@ class Observer(Protocol):
     def on_tick(self, now: float) -> None:
         """The loop is alive at monotonic time ``now`` (every iteration, and while waiting out a retry)."""
 
+    def on_expired(self, users: np.ndarray, items: np.ndarray, deleted: dict[str, int]) -> None:
+        """Ids unseen for the expiry span were forgotten; ``deleted``: Milvus rows this process deleted."""
+
 
 @dataclass
 class Step:
@@ -143,6 +147,9 @@ class Policy:
 
     def on_finish(self, loop: Pipeline) -> None:
         """The run ends; the final checkpoint follows."""
+
+    def on_expire(self, loop: Pipeline, users: np.ndarray, items: np.ndarray) -> None:
+        """Ids unseen for the expiry span are being forgotten (``stream.expiry``): forget them too."""
 
 
 class Coordinator(Protocol):

@@ -69,6 +69,10 @@ class OwnedStore:
             seen = [s for s, m in zip(seen, mine.tolist()) if m]
         self._store.upsert(collection, ids[mine], vectors[mine], version, seen=seen)
 
+    def delete_ids(self, collection: str, ids: np.ndarray) -> int:
+        """Delete the owned rows of ``ids``; returns how many."""
+        return self._store.delete_ids(collection, ids[owner(ids, self.world) == self.rank])
+
     def owned(self, ids: np.ndarray) -> int:
         """How many of ``ids`` this rank writes."""
         return int((owner(ids, self.world) == self.rank).sum())

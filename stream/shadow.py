@@ -134,6 +134,14 @@ class ShadowVariants(Policy):
             loop.retrying("publish", lambda v=v: v.publish_batch(step.batch))
             loop.observer.on_variant(v.name, hits, evaluated, v.seconds)
 
+    def on_expire(self, loop: Pipeline, users: np.ndarray, items: np.ndarray) -> None:
+        """Every variant forgets the expired ids too (model, served state, Milvus rows)."""
+        for v in self.variants:
+            v.model.expire(users, items)
+            v.publisher.forget(users, items)
+            store = v.publisher.store
+            loop.retrying("publish", lambda s=store: s.delete_ids(s.items, items) + s.delete_ids(s.users, users))
+
     def on_finish(self, loop: Pipeline) -> None:
         """Re-publish every variant's embeddings after a run that trained."""
         if loop.summary.batches:

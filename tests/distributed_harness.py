@@ -255,8 +255,9 @@ def rebalance_worker(rank: int, world: int, port: int, config: str, out: str, le
         watcher.join(timeout=10)
         trainer.close()
         dist.destroy_process_group()
+    expired = sum(trainer.metrics.expired.labels(c)._value.get() for c in ("items", "users"))
     result = {"held": held, "probes": probes, "port": trainer.metrics_port, "trained": summary.trained,
-              "recall": summary.extra.get("recall"), "version": trainer.model.version}  # fmt: skip
+              "recall": summary.extra.get("recall"), "version": trainer.model.version, "expired": expired}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -196,14 +196,15 @@ def test_a_sigkilled_rank_restarts_the_group_and_nothing_is_lost(broker: Embedde
 def test_partitions_move_between_ranks_during_a_run_and_nothing_is_lost(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Rank 1's consumer leaves and rejoins its group mid-run: its partitions move to rank 0 and back while both
     keep stepping. Every offset is trained, the replicas end equal and Milvus equals the model; each rank serves
-    /metrics and /readyz on metrics.port + rank, with the recall guard and a shadow variant on."""
+    /metrics and /readyz on metrics.port + rank, with the recall guard, a shadow variant and expiry on (ids unseen
+    for 300 s of the stream's 1,800 s leave every replica and their owners' Milvus rows)."""
     topic, data = "ranks-move.events", tmp_path / "data"
     port = _two_free_ports()
     with milvus_lite_server(tmp_path / "milvus") as uri:
         cfg = write_config(
             tmp_path / "t.toml", broker.bootstrap_servers, topic, "ranks-move", data,
             milvus={"uri": uri, "flush_interval_s": 10}, batch={"max_events": 256, "max_wait_ms": 300},
-            run={"checkpoint_every_batches": 5}, metrics={"port": port, "eval_sample": 32},
+            run={"checkpoint_every_batches": 5, "expire_after_s": 300.0}, metrics={"port": port, "eval_sample": 32},
             guard={"enabled": True},
         )  # fmt: skip
         with cfg.open("a") as f:
@@ -226,6 +227,7 @@ def test_partitions_move_between_ranks_during_a_run_and_nothing_is_lost(broker: 
     assert [r["port"] for r in ranks] == [port, port + 1]
     assert all(r["probes"] == {"metrics": 200, "readyz": 200} for r in ranks), [r["probes"] for r in ranks]
     assert sum(r["trained"] for r in ranks) >= sum(produced.values())
+    assert all(r["expired"] > 0 for r in ranks), [r["expired"] for r in ranks]  # each rank deleted rows it owns
 
 
 def _two_free_ports() -> int:
