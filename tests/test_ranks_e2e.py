@@ -71,11 +71,11 @@ def _audit(data: Path, topic: str) -> dict[int, np.ndarray]:
 
 
 def _final_models(cfg: Path, data: Path) -> list:
-    """Each rank's newest checkpoint loaded into a fresh model."""
+    """Each rank's newest checkpoint loaded into a fresh model, built as the trainer builds it."""
     settings = load_settings(cfg)
     models = []
     for rank in (0, 1):
-        model = build_model(settings.model)
+        model = build_model(settings.model, settings.run.expire_after_s)  # with expiry: its graph TTL
         model.load_state_dict(CheckpointStore(data / f"rank{rank}" / "checkpoints").load_latest()["model"])
         models.append(model)
     return models
