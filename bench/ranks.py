@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=40_000)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--loop-rounds", type=int, default=3, help="interleaved rounds of the ranked step vs the loop")
+    p.add_argument("--loop-rounds", type=int, default=5, help="interleaved rounds of the ranked step vs the loop")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -239,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             loop_rows,
             "ranked step: exchange → rank 0 scores → train → publish the owned ids (rank 0 mirrors every id), as "
             "stream/ranked.py did before the one loop; shared loop: stream.pipeline.Pipeline with RankedSource, inline "
-            "writes, the rolling refresh, lag report, recall guard and the metrics observer (histograms, drift, "
-            "history; every rank scores the batch, so the guard's verdict is the same everywhere). Both write to an "
-            "in-memory store (not Milvus) without checkpoints; seconds from the first to the last step (rank 0). "
+            "writes, the rolling refresh, lag report, the recall guard (rank 0's score shared with every rank) and "
+            "the metrics observer (histograms, drift, history). Both write to an in-memory store (not Milvus) "
+            "without checkpoints; seconds from the first to the last step (rank 0). "
             f"Median overhead over {len(overheads)} rounds: {float(np.median(overheads)) if overheads else 0:+.1%}.",
         ),  # fmt: skip
         table(

@@ -1,7 +1,8 @@
 """The shared loop's cost on ranks: the same per-rank micro-batches through (a) the ranked step as it was written
 before the one loop (exchange → rank 0 scores → train → publish the owned ids → mirror), and (b) the one loop
 (``stream.pipeline.Pipeline`` with ``stream.ranked.RankedSource``, inline writes, every policy the ranks run that
-needs no broker or Milvus server, and the metrics observer on: histograms, drift, history).
+needs no broker or Milvus server, the recall guard with rank 0's score shared, and the metrics observer on:
+histograms, drift, history).
 
 Both write to an in-memory store (Milvus is not what is compared) and skip checkpoints; ``bench.ranks`` runs them
 interleaved and reports (b) / (a) − 1 per round. Used by ``python -m bench.ranks``.
@@ -129,16 +130,18 @@ def loop_worker(trainer: Any, batches: list, settings: Any, workdir: Path) -> tu
     from ebrflow.stream.lag import LagReport
     from ebrflow.stream.pipeline import Pipeline
     from ebrflow.stream.publishing import Publishing
-    from ebrflow.stream.ranked import OwnedStore, RankedSource
+    from ebrflow.stream.ranked import OwnedStore, OwnIds, RankedSource, RankGroup, SharedScore
     from ebrflow.stream.refresh import Refresh
 
     store = OwnedStore(MemoryStore(trainer.served.dim), trainer.rank, trainer.world)  # type: ignore[arg-type]
     publisher = Publisher(store)  # type: ignore[arg-type]
     metrics = PipelineMetrics()
-    observer = build_observer(settings, metrics, publisher, workdir)
+    rank, world = trainer.rank, trainer.world
+    observer = build_observer(settings, metrics, publisher, workdir, scores=rank == 0)  # as ebrflow.ranks wires it
     local = ListedBatches(batches, "bench.ranks", trainer.rank)
     source = RankedSource(local, trainer, settings.batch.max_wait_ms / 1000.0)  # type: ignore[arg-type]
-    policies = [LagReport(), Refresh(settings.run.max_staleness_s), GuardPolicy(RecallGuard())]
+    policies = [SharedScore(RankGroup(rank, world)), LagReport(), Refresh(settings.run.max_staleness_s)]
+    policies += [GuardPolicy(RecallGuard())] + ([OwnIds(rank, world)] if rank else [])
     pipeline = Pipeline(
         source, trainer.served, Publishing(publisher, depth=0), observer, None, policies, None, trainer.fit_global
     )

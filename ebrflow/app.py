@@ -29,7 +29,7 @@ from ebrflow.ops.drift import DriftMonitor
 from ebrflow.ops.history import HistoryWriter
 from ebrflow.ops.metrics import PipelineMetrics
 from ebrflow.ops.observer import MetricsObserver
-from ebrflow.ops.prequential import PrequentialEvaluator
+from ebrflow.ops.prequential import NoEvaluation, PrequentialEvaluator
 from ebrflow.ops.status import StatusLine
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.broker import EmbeddedBroker
@@ -252,9 +252,10 @@ class Trainer:
 
 
 def build_observer(
-    settings: Settings, metrics: PipelineMetrics, publisher: Publisher, data_dir: Path
+    settings: Settings, metrics: PipelineMetrics, publisher: Publisher, data_dir: Path, scores: bool = True
 ) -> MetricsObserver:
-    """Metrics, prequential evaluation over what ``publisher`` serves, drift, history and the status line."""
+    """Metrics, prequential evaluation over what ``publisher`` serves (unless not ``scores``: ranks other than 0),
+    drift, history and the status line."""
     history = HistoryWriter(data_dir / "history.jsonl")
     # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
     drift = DriftMonitor(
@@ -262,7 +263,10 @@ def build_observer(
     )
     run = settings.run
     status = StatusLine(metrics, run.status_interval_s, settings.metrics.recall_k) if run.status_interval_s else None
-    return MetricsObserver(metrics, evaluator_for(settings, publisher), drift=drift, history=history, status=status)
+    evaluator = (
+        evaluator_for(settings, publisher) if scores else NoEvaluation(publisher.items, publisher.users, publisher.seen)
+    )
+    return MetricsObserver(metrics, evaluator, drift=drift, history=history, status=status)
 
 
 def build_consumer(settings: Settings, bootstrap_servers: str, observer: MetricsObserver) -> ConsumerThread:

@@ -130,7 +130,7 @@ def build_rank(
     from ebrflow.stream.pipeline import Pipeline
     from ebrflow.stream.publishing import Publishing
     from ebrflow.stream.rank_checkpoints import RankCheckpoints
-    from ebrflow.stream.ranked import OwnedStore, RankedSource, RankGroup, ReplicaCheck
+    from ebrflow.stream.ranked import OwnedStore, OwnIds, RankedSource, RankGroup, ReplicaCheck, SharedScore
 
     run = settings.run
     trainer = ReplicatedTrainer(build_model(settings.model, run.expire_after_s))  # type: ignore[arg-type]
@@ -141,7 +141,7 @@ def build_rank(
     data.mkdir(parents=True, exist_ok=True)
     metrics, built = PipelineMetrics(), []
     port = serve_metrics(settings, metrics, built, port_offset=rank)
-    observer = build_observer(settings, metrics, publisher, data)
+    observer = build_observer(settings, metrics, publisher, data, scores=rank == 0)
     variants = [build_variant(settings, name, served) for name in settings.model.variants]
     for v in variants:
         v.publisher.store = OwnedStore(v.publisher.store, rank, world)  # type: ignore[assignment]
@@ -152,6 +152,10 @@ def build_rank(
         checkpointer = build_checkpointer(settings, trainer.served, publisher, variants, data / "checkpoints")
         checkpoints = RankCheckpoints(checkpointer, rank, world)
     policies = [*build_policies(settings, served, variants, new_generation, group), ReplicaCheck(trainer)]
+    if settings.guard.enabled:
+        policies.insert(0, SharedScore(group))
+    if rank:
+        policies.append(OwnIds(rank, world))
     audit = (data / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
     source = RankedSource(consumer, trainer, settings.batch.max_wait_ms / 1000.0)
     pipeline = Pipeline(

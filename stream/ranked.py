@@ -9,8 +9,8 @@ slice. The exchange's header carries each rank's stop/idle flags, its event coun
 so every rank knows the trained position of every partition after each step: a partition that moves to another rank
 in a rebalance resumes exactly where the previous owner stopped, and every rank's checkpoint holds every
 partition's offset. Every rank trains the same global batch into its replica and writes only the ids it owns
-(``OwnedStore``); it mirrors every vector, so each rank's prequential score, and so the recall guard's verdict,
-is the same on every rank.
+(``OwnedStore``, ``OwnIds``); rank 0 mirrors every vector and scores each batch for the job (``SharedScore`` hands
+its score to every rank when the recall guard runs, so every rank acts on the same verdict).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ebrflow.model.distributed import ReplicatedTrainer, owner, verify_replicas
 from ebrflow.stream.batcher import Taken
 from ebrflow.stream.checkpointer import Offsets
 from ebrflow.stream.consumer import ConsumerThread
-from ebrflow.stream.policy import Policy
+from ebrflow.stream.policy import Policy, Step
 
 if TYPE_CHECKING:
     from ebrflow.stream.pipeline import Pipeline
@@ -175,6 +175,31 @@ class RankedSource:
     def close(self) -> None:
         """Stop this rank's consumer thread."""
         self.local.close()
+
+
+class SharedScore(Policy):
+    """Ranks with the recall guard: rank 0's prequential score of each batch on every rank (only rank 0 scores), so
+    every rank's guard reaches the same verdict at the same batch. Put it before the guard."""
+
+    def __init__(self, group: RankGroup) -> None:
+        self.group = group
+
+    def before_train(self, loop: Pipeline, step: Step) -> None:
+        """Replace this rank's score with rank 0's."""
+        step.score = self.group.share(step.score)
+
+
+class OwnIds(Policy):
+    """A rank other than 0 embeds and mirrors only the ids it writes (rank 0 mirrors every id: it scores for the
+    job). Put it last: after the rolling refresh added its ids."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def before_publish(self, loop: Pipeline, step: Step) -> None:
+        """Keep the batch's ids this rank owns."""
+        step.items = step.items[owner(step.items, self.world) == self.rank]
+        step.users = step.users[owner(step.users, self.world) == self.rank]
 
 
 class ReplicaCheck(Policy):
