@@ -236,7 +236,9 @@ def rebalance_worker(rank: int, world: int, port: int, config: str, out: str, le
             if left_at is not None and left_at >= 0 and (time.monotonic() - left_at > away_s or rank0_took(parts)):
                 trainer.consumer.join()
                 left_at = -1.0
-            if "metrics" not in probes and trainer.metrics.batches._value.get() >= 2:
+            due = time.monotonic() >= probes.get("next", 0.0) and trainer.metrics.batches._value.get() >= 2
+            if due and probes.get("readyz") != 200:  # /readyz is 503 while the rank's consumer rejoins: poll
+                probes["next"] = time.monotonic() + 0.5
                 for path in ("/metrics", "/readyz"):
                     try:
                         with urllib.request.urlopen(f"http://127.0.0.1:{trainer.metrics_port}{path}", timeout=5) as r:
@@ -256,6 +258,7 @@ def rebalance_worker(rank: int, world: int, port: int, config: str, out: str, le
         trainer.close()
         dist.destroy_process_group()
     expired = sum(trainer.metrics.expired.labels(c)._value.get() for c in ("items", "users"))
+    probes = {k: v for k, v in probes.items() if k in ("metrics", "readyz")}
     result = {"held": held, "probes": probes, "port": trainer.metrics_port, "trained": summary.trained,
               "recall": summary.extra.get("recall"), "version": trainer.model.version, "expired": expired}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
