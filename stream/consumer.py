@@ -1,17 +1,12 @@
 """The consumer thread: the one owner of the ``KafkaConsumer`` (poll, decode, dead letters, pause, seek, commit).
 
-Training overlaps I/O: while the loop trains batch n, this thread polls and decodes batch n+1 (and, when the
-loop is slower, one more: ``backlog`` closed batches wait at most). Every consumer call runs on this thread:
-the loop *asks* (``pause``, ``resume``, ``commit``, ``end_offsets``, ``lag``) and the request runs between two
-polls. What does not change (each is tested on the real broker):
-
-- A record's offset counts only once the loop acknowledged its batch; the loop requests commits of acknowledged
-  offsets only. Positions, pauses and rebalances are ``PartitionGate``'s: records polled while paused are sought
-  back, never dropped, and a partition resumes after the last record taken.
-- A batch with dead letters is handed over only once they are durable (``DeadLetterWriter.flush``, retried with
-  backoff while every partition is paused): no commit can cover a lost letter.
-- With the backlog full the thread stops fetching (after a second, it pauses and keeps polling, so the consumer
-  keeps its group membership through a long Milvus outage).
+While the loop trains batch n, this thread polls and decodes batch n+1 (``backlog`` closed batches wait at most).
+Every consumer call runs here: the loop *asks* (``pause``, ``resume``, ``commit``, ``end_offsets``, ``lag``) and
+the request runs between two polls. What does not change (each is tested on the real broker): offsets count once
+the loop acknowledged their batch, and only acknowledged offsets are committed; positions, pauses and rebalances
+are ``PartitionGate``'s (records polled while paused are sought back, never dropped); a batch with dead letters
+is handed over once they are durable (``DeadLetterWriter.flush``, retried while paused); with the backlog full the
+thread stops fetching, and after a second pauses and keeps polling (the membership outlives a Milvus outage).
 """
 
 from __future__ import annotations
