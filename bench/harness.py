@@ -17,6 +17,8 @@ from ebrflow.stream.generator import EventArrays, SyntheticStream
 from ebrflow.stream.kafka_io import ensure_topics, make_producer
 from ebrflow.stream.replay import events_from_arrays, produce
 
+CONSUMER_STAGES = ("poll", "decode")  # on the consumer thread, overlapping the training thread's stages
+
 
 def quiet_logs() -> None:
     """Kafka and gRPC log every reconnect; benchmarks only want warnings from ebrflow itself."""
@@ -71,6 +73,7 @@ class TimedRun:
     final_flush_s: float
     stage_s: dict[str, float]
     shutdown_s: float = 0.0
+    batches: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -115,7 +118,8 @@ def run_trainer(settings: Settings, n_events: int, model: Any = None) -> TimedRu
         t2 = time.monotonic()
         first, last = marks.get("first_record", t0), marks.get("last_batch", t1)
         stages = stage_seconds(trainer.metrics)
-        return TimedRun(summary.trained, last - first, t1 - t0, first - t0, t2 - t1, stages, t1 - last)
+        steady, join = last - first, first - t0
+        return TimedRun(summary.trained, steady, t1 - t0, join, t2 - t1, stages, t1 - last, summary.batches)
     finally:
         trainer.close()
 

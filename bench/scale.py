@@ -11,9 +11,9 @@ each ``--model-options`` variant (SSMTLModel keyword arguments; by default the a
 refit ``{"spectral_iters": 1}``), interleaved per size, its rows labelled by ``variant``.
 
 - graph configs (the issue-12 target): the live graph pre-populated to N nodes (users = items = N/2,
-  ``--events-per-node`` × N synthetic events ingested without training), a first ``refit_spectral`` untimed
+  ``--events-per-node`` × N synthetic events ingested without training), a first ``spectral.refit`` untimed
   (ARPACK from scratch: a warm refit needs a previous fit), the refit interval's events ingested, the second
-  ``refit_spectral`` timed on its own (warm-started where ``spectral_iters`` > 0), then ``--graph-events``
+  ``spectral.refit`` timed on its own (warm-started where ``spectral_iters`` > 0), then ``--graph-events``
   further events in the pipeline's steps (fit_batch, the batch's distinct user and item embeddings,
   Publisher.publish into Milvus Lite); the refit is amortised over its growth-based interval;
 - train configs: a fixed number of synthetic events (``--events`` per config) from a catalogue of each size (so
@@ -129,9 +129,9 @@ def graph_worker(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     The model is ``build_model`` with ``cfg['model_options']`` (SSMTLModel keyword arguments, e.g.
     ``spectral_iters``; none = the app's default). The first ``events_per_node × nodes`` events are only
     ingested (``SSMTLModel.ingest``: graph, tables, item frequencies; no training, no prior counts); a first
-    ``refit_spectral`` of that graph runs untimed (ARPACK from scratch, as the model has no fit yet: it primes a
+    ``spectral.refit`` of that graph runs untimed (ARPACK from scratch, as the model has no fit yet: it primes a
     warm-started variant); then the refit interval's events (``max(spectral_every, spectral_growth × edges)``,
-    what the pipeline sees between two refits) are ingested the same way and the second ``refit_spectral`` is
+    what the pipeline sees between two refits) are ingested the same way and the second ``spectral.refit`` is
     timed alone, warm-started from the first fit's item vectors when ``spectral_iters`` > 0, ARPACK again
     otherwise. Then ``cfg['window']`` events go through fit_batch → user/item embeddings of the batch's distinct
     ids → Publisher.publish (+ the periodic flush) in batches of ``cfg['batch']``. Refits the window triggers
@@ -520,10 +520,10 @@ def graph_report(run: Run, graph: list[dict[str, Any]], provenance: dict[str, An
         "'warm refit (spectral_iters=1)' with one block subspace iteration started from the last fit's item "
         f"vectors (model.spectral.warm_svd). The graph is pre-populated with {first['events_per_node']:g} synthetic "
         "events per catalogue node, ingested without training (SSMTLModel.ingest; Zipf popularity leaves part of "
-        "the catalogue untouched, hence live nodes < N); a first refit_spectral of it runs untimed (ARPACK from "
+        "the catalogue untouched, hence live nodes < N); a first spectral.refit of it runs untimed (ARPACK from "
         "scratch in every variant, since there is no previous fit: 'first refit s'); then the refit interval's "
         f"events (max(256, {GROWTH:g} × that fit's edges), what the pipeline sees between two refits) are ingested the "
-        "same way and the second refit_spectral is timed alone (refit s: the warm variant's is a warm start from "
+        "same way and the second spectral.refit is timed alone (refit s: the warm variant's is a warm start from "
         "the first fit, the default's ARPACK again; edges = distinct live edges it factorised); then "
         f"{first['window']:,} further events run in batches of {first['batch']:,}: fit_batch (train), the batch's "
         "distinct user and item embeddings (embed), Publisher.publish into an empty Milvus Lite collection plus "

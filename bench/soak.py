@@ -18,6 +18,7 @@ from itertools import takewhile
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,15 +45,32 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def growth_per_million(samples: list[dict[str, float]]) -> float:
+    """Least-squares slope of RSS (MiB) over events trained (millions): the growth per million events.
+
+    >>> growth_per_million([{"trained": 1e6, "rss_mib": 100.0}, {"trained": 3e6, "rss_mib": 110.0}])
+    5.0
+    """
+    x = np.array([s["trained"] / 1e6 for s in samples])
+    y = np.array([s["rss_mib"] for s in samples])
+    return float(np.polyfit(x, y, 1)[0]) if len(samples) > 1 and np.ptp(x) > 0 else float("nan")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument(
+        "--expire-after-s", type=float, default=0.0, help="run.expire_after_s (event time; the stream: 50 ms/event)"
+    )
     args = parser.parse_args(argv)
     n = 20_000 if args.smoke else args.events
     interval = 0.5 if args.smoke else args.interval
-    run = Run("soak", "Soak: RSS and open file descriptors over a long run", args.out, argv, args.smoke)
+    name = "soak_expiry" if args.expire_after_s else "soak"  # both kept: with expiry, and the growth without it
+    title = "Soak: RSS and open file descriptors over a long run" + (" with expiry" if args.expire_after_s else "")
+    run = Run(name, title, args.out, argv, args.smoke)
+    run.payload["command"] = run.payload["command"].replace(f"bench.{name}", "bench.soak")
     quiet_logs()
     samples: list[dict[str, float]] = []
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "soak",
             Path(tmp),
             kafka={"partitions": 4},
-            run={"checkpoint_every_batches": 200},
+            run={"checkpoint_every_batches": 200, "expire_after_s": args.expire_after_s},
         )
         ensure_topics(broker.bootstrap_servers, {"soak.events": 4})
         trainer = build_trainer(settings, broker.bootstrap_servers)
@@ -102,7 +120,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm = [s for s in samples if s["trained"] >= 0.2 * n] or samples
     first, last = warm[0], warm[-1]
     rss = [s["rss_mib"] for s in warm]
-    run.payload["settings"] = {"events": n, "interval_s": interval, "users": 20_000, "items": 5_000}
+    slope = growth_per_million(warm)
+    run.payload["settings"] = {
+        "events": n,
+        "interval_s": interval,
+        "users": 20_000,
+        "items": 5_000,
+        "expire_after_s": args.expire_after_s,
+    }
     run.payload["results"] = {
         "samples": samples,
         "trained": trained,
@@ -113,18 +138,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         "warm_rss_max_mib": max(rss),
         "warm_fds_first": first["fds"],
         "warm_fds_last": last["fds"],
+        "warm_rss_mib_per_million_events": slope,
+        "expired": {c: trainer.metrics.expired.labels(c)._value.get() for c in ("items", "users")},
     }
     run.payload["tables"].append(
         table(
             "Soak: after warm-up (≥ 20% of events trained)",
-            ["events trained", "wall s", "events/s", "RSS first → last MiB", "RSS min–max MiB", "fds first → last"],
+            [
+                "events trained",
+                "wall s",
+                "events/s",
+                "expire_after_s",
+                "RSS first → last MiB",
+                "RSS min–max MiB",
+                "RSS growth MiB per million events (target ≤ 5 with expiry)",
+                "fds first → last",
+            ],
             [
                 [
                     int(trained),
                     wall,
                     trained / wall,
+                    args.expire_after_s or "off",
                     f"{first['rss_mib']:.0f} → {last['rss_mib']:.0f}",
                     f"{min(rss):.0f}–{max(rss):.0f}",
+                    slope,
                     f"{first['fds']} → {last['fds']}",
                 ]
             ],
@@ -141,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run.path("soak.png"), dpi=110)
+    fig.savefig(run.path(f"{name}.png"), dpi=110)
     plt.close(fig)
-    run.payload["plots"].append("soak.png")
+    run.payload["plots"].append(f"{name}.png")
     print(run.write())
 
 

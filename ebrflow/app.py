@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,30 +32,38 @@ from ebrflow.ops.drift import DriftMonitor
 from ebrflow.ops.history import HistoryWriter
 from ebrflow.ops.metrics import PipelineMetrics
 from ebrflow.ops.observer import MetricsObserver
-from ebrflow.ops.prequential import PrequentialEvaluator
+from ebrflow.ops.prequential import NoEvaluation, PrequentialEvaluator
 from ebrflow.ops.status import StatusLine
 from ebrflow.stream.batcher import MicroBatcher
 from ebrflow.stream.broker import EmbeddedBroker
 from ebrflow.stream.checkpointer import Checkpointer
+from ebrflow.stream.consumer import ConsumerThread
+from ebrflow.stream.exclusive import Exclusivity
+from ebrflow.stream.expiry import Expiry
+from ebrflow.stream.generation_switch import GenerationSwitch
 from ebrflow.stream.generator import EventArrays
-from ebrflow.stream.guard import RecallGuard
+from ebrflow.stream.guard import GuardPolicy, RecallGuard
 from ebrflow.stream.kafka_io import DeadLetterWriter, ensure_topics, make_consumer, make_producer
+from ebrflow.stream.lag import LagReport
 from ebrflow.stream.pipeline import Pipeline, RunSummary
-from ebrflow.stream.refresh import RollingRefresh
+from ebrflow.stream.policy import Coordinator, Policy
+from ebrflow.stream.publishing import Publishing
+from ebrflow.stream.refresh import Refresh, RollingRefresh
 from ebrflow.stream.schema import EventCodec
-from ebrflow.stream.shadow import Variant, variant_prefix
+from ebrflow.stream.shadow import ShadowVariants, Variant, variant_prefix
 
 log = logging.getLogger(__name__)
 POPULARITY_SCALE = 0.1  # weight of log recent popularity when model.popularity_scale is unset
 
 
-def build_model(cfg: ModelConfig) -> RetrievalModel:
+def build_model(cfg: ModelConfig, expire_after_s: float = 0.0) -> RetrievalModel:
     """The configured model, ``cfg.dim`` coordinates wide; ``options`` go to its constructor as keyword arguments.
 
     SSMTL serves its popularity block itself (``popularity_*``); the two-tower model is wrapped in
     ``PopularityPrior`` (built one dimension smaller) when ``popularity_half_life`` > 0. ``graph="user_user"`` makes
     the SSMTL graph user–user with both edge directions stored; ``temperature`` is the softmax temperature of the
-    two-tower model or of SSMTL's retrieval task (None: the model's own).
+    two-tower model or of SSMTL's retrieval task (None: the model's own). ``expire_after_s`` > 0 (expiry on) is
+    also the SSMTL graph's TTL: edges older than the span are not sampled.
     """
     torch.set_num_threads(cfg.threads)
     threadpool_limits(cfg.threads)  # BLAS too (spectral refits): oversubscribed BLAS threads cost up to 8x here
@@ -68,6 +76,8 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
 
         graph = {"graph_mode": "user_user", "symmetric": True} if cfg.graph == "user_user" else {}
         options = {**graph, **cfg.options}
+        if expire_after_s > 0:
+            options.setdefault("ttl_ms", int(expire_after_s * 1000))
         tasks = {name: dict(settings) for name, settings in options.pop("tasks", DEFAULT_TASKS).items()}
         if "retrieval" in tasks and cfg.temperature is not None:
             tasks["retrieval"].setdefault("temperature", cfg.temperature)
@@ -267,6 +277,8 @@ class Trainer:
     metrics: PipelineMetrics
     observer: MetricsObserver
     metrics_port: int | None
+    consumer: ConsumerThread
+    variants: list[Variant] = field(default_factory=list)
 
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> RunSummary:
         """Run the loop (SIGINT/SIGTERM finish the current batch and stop) and flush Milvus at the end."""
@@ -293,17 +305,109 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Close the Kafka clients, the history file and the Milvus connection."""
+        """Stop the consumer thread; close the Kafka clients, the history file and the Milvus connection."""
+        self.consumer.close()
         with contextlib.suppress(Exception):
-            self.pipeline.consumer.close()
+            self.consumer.consumer.close()
         with contextlib.suppress(Exception):
-            self.pipeline.dlq.close()
+            self.consumer.dlq.close()
         if self.pipeline.audit_log is not None:
             self.pipeline.audit_log.close()
         if self.observer.history is not None:
             self.observer.history.close()
         with contextlib.suppress(Exception):
             self.store.client.close()
+
+
+def build_observer(
+    settings: Settings, metrics: PipelineMetrics, publisher: Publisher, data_dir: Path, scores: bool = True
+) -> MetricsObserver:
+    """Metrics, prequential evaluation over what ``publisher`` serves (unless not ``scores``: ranks other than 0),
+    drift, history and the status line."""
+    history = HistoryWriter(data_dir / "history.jsonl")
+    # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
+    drift = DriftMonitor(
+        publisher.items, k=settings.metrics.recall_k, every=10, prior_coordinate=settings.model.popularity_half_life > 0
+    )
+    run = settings.run
+    status = StatusLine(metrics, run.status_interval_s, settings.metrics.recall_k) if run.status_interval_s else None
+    evaluator = (
+        evaluator_for(settings, publisher) if scores else NoEvaluation(publisher.items, publisher.users, publisher.seen)
+    )
+    return MetricsObserver(metrics, evaluator, drift=drift, history=history, status=status)
+
+
+def build_consumer(settings: Settings, bootstrap_servers: str, observer: MetricsObserver) -> ConsumerThread:
+    """The consumer thread: the group consumer, the dead-letter writer, micro-batching."""
+    k = settings.kafka
+    client_kwargs = k.client_kwargs()
+    consumer = make_consumer(
+        bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
+    )
+    dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.dead_letter_topic())
+    batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
+    return ConsumerThread(consumer, k.topic, EventCodec(max_bytes=k.max_event_bytes), dlq, batcher, observer)
+
+
+def build_checkpointer(
+    settings: Settings, model: RetrievalModel, publisher: Publisher, variants: list[Variant], directory: Path
+) -> Checkpointer:
+    """Checkpoints of the model, seen items and every shadow variant under ``directory``."""
+    run = settings.run
+    return Checkpointer(
+        CheckpointStore(directory, run.checkpoint_keep),
+        model,
+        publisher.seen,
+        run.checkpoint_every_batches,
+        run.checkpoint_every_s,
+        fingerprint=model_fingerprint(settings.model),
+        stream={"topic": settings.kafka.topic, "group": settings.kafka.group_id},
+        variants={
+            v.name: (v.model, v.publisher.seen, model_fingerprint(settings.model.variant(v.name))) for v in variants
+        },
+    )
+
+
+def build_policies(
+    settings: Settings,
+    store: MilvusStore,
+    variants: list[Variant],
+    new_generation: bool = False,
+    coordinator: Coordinator | None = None,
+) -> list[Policy]:
+    """The configured policies, in the order the loop calls them (a switched-off one is left out)."""
+    run, g = settings.run, settings.guard
+    generations = Generations(store.client, settings.milvus.collection_prefix)
+    policies: list[Policy] = [
+        GenerationSwitch(generations, new_generation, settings.milvus.generation_grace_s, coordinator),
+        LagReport(),
+        Refresh(run.max_staleness_s),
+    ]
+    if variants:
+        policies.append(ShadowVariants(variants, coordinator))
+    if g.enabled:
+        guard = RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events, g.loss_factor)
+        policies.append(GuardPolicy(guard, g.snapshot_every))
+    if run.expire_after_s:
+        policies.append(Expiry(run.expire_after_s))
+    return policies
+
+
+def serve_metrics(
+    settings: Settings, metrics: PipelineMetrics, built: list[Pipeline], port_offset: int = 0
+) -> int | None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` (asking the pipeline once it exists) when enabled.
+
+    ``port_offset``: rank r of a ranked job serves on ``metrics.port + r`` (port 0: an ephemeral port each)."""
+    m = settings.metrics
+    metrics.set_build_info(_version(), settings.model.kind, settings.model.dim, m.recall_k)
+    if not m.enabled:
+        return None
+    port = metrics.serve(
+        m.host, m.port + port_offset if m.port else 0, readiness=lambda: built[0].readiness() if built else {}
+    )
+    log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", m.host, port)
+    return port
 
 
 def build_trainer(
@@ -317,8 +421,7 @@ def build_trainer(
 
     ``new_generation``: train a new model generation behind the served aliases even when a checkpoint exists.
     """
-    k = settings.kafka
-    client_kwargs = k.client_kwargs()
+    k, run = settings.kafka, settings.run
     store = open_store(settings)
     try:
         check_served_dim(store, settings, new_generation)
@@ -327,79 +430,31 @@ def build_trainer(
         raise
     if k.create_topics:
         ensure_topics(
-            bootstrap_servers, {k.topic: k.partitions, k.dead_letter_topic(): 1}, client_kwargs, k.replication_factor
+            bootstrap_servers,
+            {k.topic: k.partitions, k.dead_letter_topic(): 1},
+            k.client_kwargs(),
+            k.replication_factor,
         )
-    model = model or build_model(settings.model)
+    model = model or build_model(settings.model, run.expire_after_s)
     publisher = Publisher(store)
     metrics = metrics or PipelineMetrics()
-    port = None
     built: list[Pipeline] = []  # /readyz asks the pipeline once it exists
-    metrics.set_build_info(_version(), settings.model.kind, settings.model.dim, settings.metrics.recall_k)
-    if settings.metrics.enabled:
-        port = metrics.serve(
-            settings.metrics.host, settings.metrics.port, readiness=lambda: built[0].readiness() if built else {}
-        )
-        log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", settings.metrics.host, port)
-    evaluator = evaluator_for(settings, publisher)
+    port = serve_metrics(settings, metrics, built)
+    observer = build_observer(settings, metrics, publisher, Path(run.data_dir))
     variants = [build_variant(settings, name, store) for name in settings.model.variants]
-    history = HistoryWriter(Path(settings.run.data_dir) / "history.jsonl")
-    # neighbour churn costs a probe × catalogue product: every 10th batch keeps it off most batches
-    drift = DriftMonitor(
-        publisher.items, k=settings.metrics.recall_k, every=10, prior_coordinate=settings.model.popularity_half_life > 0
+    source = build_consumer(settings, bootstrap_servers, observer)
+    data = Path(run.data_dir)
+    checkpointer = (
+        build_checkpointer(settings, model, publisher, variants, data / "checkpoints") if run.checkpoints else None
     )
-    run = settings.run
-    status = StatusLine(metrics, run.status_interval_s, settings.metrics.recall_k) if run.status_interval_s else None
-    observer = MetricsObserver(metrics, evaluator, drift=drift, history=history, status=status)
-    consumer = make_consumer(
-        bootstrap_servers, k.group_id, k.session_timeout_ms, max(k.max_event_bytes * 4, 1 << 20), client_kwargs
-    )
-    dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.dead_letter_topic())
-    batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
-    codec = EventCodec(max_bytes=k.max_event_bytes)
-    checkpointer = None
-    if run.checkpoints:
-        store_dir = Path(run.data_dir) / "checkpoints"
-        checkpointer = Checkpointer(
-            CheckpointStore(store_dir, run.checkpoint_keep),
-            model,
-            publisher.seen,
-            run.checkpoint_every_batches,
-            run.checkpoint_every_s,
-            fingerprint=model_fingerprint(settings.model),
-            stream={"topic": k.topic, "group": k.group_id},
-            variants={
-                v.name: (v.model, v.publisher.seen, model_fingerprint(settings.model.variant(v.name))) for v in variants
-            },
-        )
-    g = settings.guard
-    guard = (
-        RecallGuard(g.mode, g.margin, g.window, g.baseline, g.patience, g.min_events, g.loss_factor)
-        if g.enabled
-        else None
-    )
-    audit = (Path(run.data_dir) / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
-    pipeline = Pipeline(
-        consumer,
-        k.topic,
-        codec,
-        dlq,
-        model,
-        publisher,
-        batcher,
-        observer,
-        checkpointer,
-        audit,
-        run.max_staleness_s,
-        exclusive_grace_s=run.exclusive_grace_s or None,
-        generations=Generations(store.client, settings.milvus.collection_prefix),
-        new_generation=new_generation,
-        generation_grace_s=settings.milvus.generation_grace_s,
-        guard=guard,
-        snapshot_every=settings.guard.snapshot_every,
-        variants=variants,
-    )
+    policies = build_policies(settings, store, variants, new_generation)
+    if run.exclusive_grace_s:
+        policies.insert(0, Exclusivity(k.topic, k.group_id, run.exclusive_grace_s))
+    audit = (data / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
+    publishing = Publishing(publisher, depth=2, max_backoff_s=30.0)
+    pipeline = Pipeline(source, model, publishing, observer, checkpointer, policies, audit)
     built.append(pipeline)
-    return Trainer(pipeline, model, store, publisher, metrics, observer, port)
+    return Trainer(pipeline, model, store, publisher, metrics, observer, port, source, variants)
 
 
 def _version() -> str:

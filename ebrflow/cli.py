@@ -242,14 +242,12 @@ def run(
     settings = _settings(config, log_format)
     if ranks > 1 or ranked.in_worker():
         ranked.check_ranked(settings)
-        if new_generation:
-            raise ConfigError("--new-generation is not supported with --ranks yet (ranks write the served generation)")
     if ranks > 1 and not ranked.in_worker():
         fmt = log_format.value if log_format else None
-        argv = ranked.worker_argv(config, fmt, max_events, idle_exit)
+        argv = ranked.worker_argv(config, fmt, max_events, idle_exit, new_generation)
         raise typer.Exit(ranked.launch(ranks, max_restarts, argv))
     if ranked.in_worker():
-        summary = ranked.run_rank(settings, settings.kafka.bootstrap_servers, max_events, idle_exit)
+        summary = ranked.run_rank(settings, settings.kafka.bootstrap_servers, max_events, idle_exit, new_generation)
         x = {k: int(v) for k, v in summary.extra.items() if k in ("rank", "owned_items", "owned_users")}
         recall = summary.extra.get("recall")
         _say(

@@ -319,6 +319,7 @@ class RunConfig(Section):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line (ts, level, logger, message, fields)
     status_interval_s: float = Field(30.0, ge=0)  # a status line from the loop this often; 0: none
+    expire_after_s: float = Field(0.0, ge=0)  # forget ids unseen this long in event time (docs/loop.md); 0: never
 
     @field_validator("log_level")
     @classmethod

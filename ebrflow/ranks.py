@@ -1,15 +1,14 @@
 """Trainer ranks: ``ebrflow run --ranks N`` starts ``torchrun`` (elastic: a crashed rank restarts the group), and each
-worker it starts (``WORLD_SIZE`` > 1 in its environment) joins the process group and runs ``stream.ranked``."""
+worker it starts (``WORLD_SIZE`` > 1 in its environment) joins the process group and runs the trainer's loop with
+``stream.ranked``'s batch forming and writes."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import signal
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +17,8 @@ import torch.distributed as dist
 from ebrflow.config import ConfigError, Settings
 
 if TYPE_CHECKING:
+    from ebrflow.app import Trainer
+    from ebrflow.model.distributed import ReplicatedTrainer
     from ebrflow.stream.pipeline import RunSummary
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def check_ranked(settings: Settings) -> None:
         )
     if settings.model.kind != "ssmtl":
         raise ConfigError("ranks train the SSMTL model: model.kind must be 'ssmtl'")
-    if settings.model.variants or settings.guard.enabled:
-        raise ConfigError("ranks do not run shadow variants or the recall guard yet: unset model.variants, guard")
 
 
 def torchrun_args(ranks: int, max_restarts: int, argv: list[str]) -> list[str]:
@@ -64,7 +63,11 @@ def torchrun_args(ranks: int, max_restarts: int, argv: list[str]) -> list[str]:
 
 
 def worker_argv(
-    config: Path | None, log_format: str | None, max_events: int | None, idle_exit: float | None
+    config: Path | None,
+    log_format: str | None,
+    max_events: int | None,
+    idle_exit: float | None,
+    new_generation: bool = False,
 ) -> list[str]:
     """The ``ebrflow run`` arguments each worker gets (those of this command, without ``--ranks``)."""
     argv = ["run"]
@@ -73,7 +76,7 @@ def worker_argv(
             argv += [flag, str(value)]
     if idle_exit is not None:
         argv += ["--idle-exit", str(idle_exit)]
-    return argv
+    return argv + (["--new-generation"] if new_generation else [])
 
 
 def launch(ranks: int, max_restarts: int, argv: list[str]) -> int:
@@ -105,78 +108,105 @@ def init_group(backend: str, timeout: timedelta = timedelta(minutes=10)) -> None
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
+def build_rank(
+    settings: Settings, bootstrap_servers: str, rank: int, world: int, new_generation: bool = False
+) -> tuple[Trainer, ReplicatedTrainer]:
+    """This rank's trainer and its replicated model: the single trainer's loop and policies around a
+    ``ReplicatedTrainer``, with the all-gathering source, an ``OwnedStore``, inline Milvus writes, per-rank
+    checkpoints and metrics on ``metrics.port + rank`` (see docs/loop.md)."""
+    from ebrflow.app import (
+        Trainer,
+        build_checkpointer,
+        build_consumer,
+        build_model,
+        build_observer,
+        build_policies,
+        build_variant,
+        open_store,
+        serve_metrics,
+    )
+    from ebrflow.indexer.publisher import Publisher
+    from ebrflow.model.distributed import ReplicatedTrainer
+    from ebrflow.ops.metrics import PipelineMetrics
+    from ebrflow.stream.pipeline import Pipeline
+    from ebrflow.stream.publishing import Publishing
+    from ebrflow.stream.rank_checkpoints import RankCheckpoints
+    from ebrflow.stream.ranked import OwnedStore, OwnIds, RankedSource, RankGroup, ReplicaCheck, SharedScore
+
+    run = settings.run
+    trainer = ReplicatedTrainer(build_model(settings.model, run.expire_after_s))  # type: ignore[arg-type]
+    served = open_store(settings)
+    store = OwnedStore(served, rank, world)
+    publisher = Publisher(store)  # type: ignore[arg-type]
+    data = Path(run.data_dir) / f"rank{rank}"
+    data.mkdir(parents=True, exist_ok=True)
+    metrics, built = PipelineMetrics(), []
+    port = serve_metrics(settings, metrics, built, port_offset=rank)
+    observer = build_observer(settings, metrics, publisher, data, scores=rank == 0)
+    variants = [build_variant(settings, name, served) for name in settings.model.variants]
+    for v in variants:
+        v.publisher.store = OwnedStore(v.publisher.store, rank, world)  # type: ignore[assignment]
+    consumer = build_consumer(settings, bootstrap_servers, observer)
+    group = RankGroup(rank, world)
+    checkpoints = None
+    if run.checkpoints:
+        checkpointer = build_checkpointer(settings, trainer.served, publisher, variants, data / "checkpoints")
+        checkpoints = RankCheckpoints(checkpointer, rank, world)
+    policies = [*build_policies(settings, served, variants, new_generation, group), ReplicaCheck(trainer)]
+    if settings.guard.enabled:
+        policies.insert(0, SharedScore(group))
+    if rank:
+        policies.append(OwnIds(rank, world))
+    audit = (data / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
+    source = RankedSource(consumer, trainer, settings.batch.max_wait_ms / 1000.0)
+    pipeline = Pipeline(
+        source,
+        trainer.served,
+        Publishing(publisher, depth=0),
+        observer,
+        checkpoints,
+        policies,
+        audit,
+        trainer.fit_global,
+    )
+    built.append(pipeline)
+    parts = Trainer(pipeline, trainer.served, store, publisher, metrics, observer, port, consumer, variants)  # type: ignore[arg-type]
+    return parts, trainer
+
+
 def run_rank(
-    settings: Settings, bootstrap_servers: str, max_events: int | None, idle_exit_s: float | None
+    settings: Settings,
+    bootstrap_servers: str,
+    max_events: int | None,
+    idle_exit_s: float | None,
+    new_generation: bool = False,
 ) -> RunSummary:
     """Join the process group (gloo on CPU, nccl on CUDA) and run this rank's loop; returns its ``RunSummary``."""
-    from ebrflow.app import build_model, evaluator_for, model_fingerprint, open_store, own_data_dir
-    from ebrflow.indexer.generations import Generations
-    from ebrflow.indexer.mirror import EmbeddingMirror
-    from ebrflow.indexer.publisher import Publisher
-    from ebrflow.model.checkpoint import CheckpointStore
-    from ebrflow.model.distributed import ReplicatedTrainer
-    from ebrflow.stream.batcher import MicroBatcher
-    from ebrflow.stream.kafka_io import DeadLetterWriter, ensure_topics, make_consumer, make_producer
-    from ebrflow.stream.ranked import RankCheckpoints, RankedLoop
-    from ebrflow.stream.schema import EventCodec
+    from ebrflow.app import own_data_dir
+    from ebrflow.stream.kafka_io import ensure_topics
 
     cuda = settings.model.device.startswith("cuda") and torch.cuda.is_available()
     init_group("nccl" if cuda else "gloo")
-    rank, k, run = dist.get_rank(), settings.kafka, settings.run
+    rank, world, k = dist.get_rank(), dist.get_world_size(), settings.kafka
     held = contextlib.ExitStack()
     try:
         if k.create_topics and rank == 0:
             topics = {k.topic: k.partitions, k.dead_letter_topic(): 1}
             ensure_topics(bootstrap_servers, topics, k.client_kwargs(), k.replication_factor)
         dist.barrier()
-        trainer = ReplicatedTrainer(build_model(settings.model))  # type: ignore[arg-type]
-        store = open_store(settings)
-        publisher = Publisher(store)
-        data = held.enter_context(own_data_dir(Path(run.data_dir) / f"rank{rank}"))  # one job per data dir
-        checkpoints = None
-        if run.checkpoints:
-            ckpt_store = CheckpointStore(data / "checkpoints", run.checkpoint_keep)
-            checkpoints = RankCheckpoints(ckpt_store, trainer, publisher, model_fingerprint(settings.model))
-        evaluator = None
-        if rank == 0:  # one rank scores test-then-train recall over what all ranks serve, as the single trainer does
-            view = SimpleNamespace(
-                items=EmbeddingMirror(store.dim), users=EmbeddingMirror(store.dim), seen=publisher.seen
-            )
-            evaluator = evaluator_for(settings, view)  # type: ignore[arg-type]
-        kwargs = k.client_kwargs()
-        fetch_bytes = max(k.max_event_bytes * 4, 1 << 20)
-        consumer = make_consumer(bootstrap_servers, k.group_id, k.session_timeout_ms, fetch_bytes, kwargs)
-        audit = (data / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
-        loop = RankedLoop(
-            consumer,
-            k.topic,
-            EventCodec(max_bytes=k.max_event_bytes),
-            DeadLetterWriter(lambda: make_producer(bootstrap_servers, kwargs), k.dead_letter_topic()),
-            trainer,
-            publisher,
-            MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0),
-            checkpoints,
-            run.checkpoint_every_batches,
-            audit,
-            Generations(store.client, settings.milvus.collection_prefix),
-            run.max_staleness_s,
-            evaluator=evaluator,
-        )
-        previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        held.enter_context(own_data_dir(Path(settings.run.data_dir) / f"rank{rank}"))  # one job per data dir
+        trainer, replicated = build_rank(settings, bootstrap_servers, rank, world, new_generation)
         try:
-            summary = loop.run(max_events=max_events, idle_exit_s=idle_exit_s)
+            summary = trainer.run(max_events=max_events, idle_exit_s=idle_exit_s)
+            dist.barrier()  # every rank's last rows are written and flushed
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            consumer.close()
-            loop.dlq.close()
-            if audit is not None:
-                audit.close()
-        s = trainer.stats
+            trainer.close()
+        s = replicated.stats
         summary.extra.update(rank=rank, comm_s=s.seconds, compute_s=s.compute_seconds, bytes=s.bytes_total)
-        summary.extra.update(owned_items=loop.owned[0], owned_users=loop.owned[1])
-        if evaluator is not None:
-            summary.extra["recall"] = evaluator.total.all.recall or 0.0
+        summary.extra.update(
+            owned_items=trainer.store.owned(trainer.model.known_items()),
+            owned_users=trainer.store.owned(trainer.model.known_users()),
+        )
         log.info(
             "rank %d: %d events consumed, %d global steps, communication %.1f s, compute %.1f s, %d bytes sent",
             rank, summary.consumed, s.steps, s.seconds, s.compute_seconds, s.bytes_total,

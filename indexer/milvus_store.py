@@ -204,6 +204,13 @@ class MilvusStore:
             removed += int(res.get("delete_count", 0)) if isinstance(res, dict) else len(res or [])
         return removed
 
+    def delete_ids(self, collection: str, ids: np.ndarray) -> int:
+        """Delete the rows of ``ids`` (expired ids); returns how many ids were asked for."""
+        if not len(ids):
+            return 0
+        self.client.delete(collection, ids=np.asarray(ids, dtype=np.int64).tolist())
+        return len(ids)
+
     def flush_if_due(self, force: bool = False) -> bool:
         """Flush both collections every ``flush_interval_s`` (unflushed rows are searched on a slow path)."""
         if not force and time.monotonic() - self._last_flush < self.flush_interval_s:

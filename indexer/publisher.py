@@ -52,6 +52,15 @@ class Publisher:
             raise RuntimeError("forget_newer is for start-up, before anything was published")
         return self.store.delete_newer(version)
 
+    def forget(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget expired ids: mirrors, seen lists and which users' lists Milvus holds (their rows are deleted)."""
+        self.items.remove(item_ids)
+        self.users.remove(user_ids)
+        self.seen.remove(user_ids, item_ids)
+        for u in np.asarray(user_ids).tolist():
+            self._changed_at.pop(u, None)
+            self._current.discard(u)
+
     def prepare(
         self,
         version: int,

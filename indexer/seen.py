@@ -65,6 +65,17 @@ class SeenItems:
             keep = np.sort(len(merged) - 1 - last_rev)
             self._seen[user] = merged[keep][-self.capacity :]
 
+    def remove(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget the lists of ``user_ids`` and ``item_ids`` from every list (expired ids)."""
+        for u in np.asarray(user_ids).tolist():
+            self._seen.pop(int(u), None)
+        if len(item_ids):
+            gone = np.asarray(item_ids, dtype=np.int64)
+            for u, items in self._seen.items():
+                drop = np.isin(items, gone)
+                if drop.any():
+                    self._seen[u] = items[~drop]
+
     def state_dict(self) -> dict:
         """Flat tensors: users, lengths, concatenated items."""
         users = list(self._seen)

@@ -174,3 +174,50 @@ class MilvusSink:
             self.store.flush_if_due()
         except Exception as exc:  # noqa: BLE001 - a failed flush is retried on the next schedule
             log.warning("Milvus flush failed (%s); retried on schedule", exc)
+
+
+class InlineSink:
+    """``MilvusSink``'s interface without a thread: ``submit`` writes the job at once, retrying with backoff until
+    Milvus accepts it (ranks: each step's writes finish inside the step, so every rank's loop sees the same
+    acknowledgements at the same point; the other ranks wait in the next collective meanwhile)."""
+
+    depth = 0
+
+    def __init__(self, store: MilvusStore, max_backoff_s: float = 30.0, on_error: Callable | None = None) -> None:
+        self.store = store
+        self.max_backoff_s = max_backoff_s
+        self._on_error = on_error or (lambda exc: None)
+        self._done: list[UpsertJob] = []
+
+    failing = False
+    in_flight = 0
+
+    def has_room(self) -> bool:
+        """Always: a job is written before ``submit`` returns."""
+        return True
+
+    def submit(self, job: UpsertJob) -> None:
+        """Write ``job`` now (retried until it succeeds), then flush on the store's schedule."""
+        backoff = 0.5
+        while True:
+            try:
+                write(self.store, job)
+                break
+            except Exception as exc:  # noqa: BLE001 - any sink failure is retried, never fatal
+                log.warning("Milvus upsert failed (%s); retrying in %.1f s", exc, backoff)
+                self._on_error(exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+        self._done.append(job)
+        try:
+            self.store.flush_if_due()
+        except Exception as exc:  # noqa: BLE001 - a failed flush is retried on the next schedule
+            log.warning("Milvus flush failed (%s); retried on schedule", exc)
+
+    def completed(self) -> list[UpsertJob]:
+        """Jobs written since the last call, in submission order."""
+        out, self._done = self._done, []
+        return out
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Nothing runs in the background."""

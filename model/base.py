@@ -95,6 +95,11 @@ class RetrievalModel(Protocol):
         """All user ids the model has seen, int64."""
         ...
 
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget these ids (unseen for the expiry span): they leave ``known_*`` and their state; unknown ids are
+        skipped; an id that comes back is new."""
+        ...
+
     def state_dict(self) -> dict:
         """Everything needed to resume training (tensors and plain containers only, no pickled objects)."""
         ...

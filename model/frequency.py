@@ -34,6 +34,12 @@ class ItemFrequency:
         self._total = self._total * self.decay + len(rows)
         np.add.at(self._counts, rows, 1.0)
 
+    def reset(self, rows: np.ndarray) -> None:
+        """Forget the counts of ``rows`` (removed ids: another id may reuse the row)."""
+        rows = rows[rows < len(self._counts)]
+        self._total = max(self._total - float(self._counts[rows].sum()), 0.0)
+        self._counts[rows] = 0.0
+
     def log_q(self, rows: np.ndarray) -> np.ndarray:
         """Log of each row's estimated share of sampled items (floored to avoid -inf)."""
         share = self._counts[rows] / max(self._total, 1.0)

@@ -170,6 +170,14 @@ class EdgeLog:
         self.src, self.dst, self.ts = src[first], dst[first], ts[first]
         self._pending_n = 0
 
+    def expire(self, cutoff: int | None, src_rows: np.ndarray, dst_rows: np.ndarray) -> None:
+        """Drop edges older than ``cutoff`` and every edge of ``src_rows``/``dst_rows`` (removed ids)."""
+        self.compact()
+        keep = ~(np.isin(self.src, src_rows) | np.isin(self.dst, dst_rows))
+        if cutoff is not None:
+            keep &= self.ts >= cutoff
+        self.src, self.dst, self.ts = self.src[keep], self.dst[keep], self.ts[keep]
+
     def matrix(self, shape: tuple[int, int], cutoff: int | None = None, symmetric: bool = False) -> sp.csr_matrix:
         """Binary (src × dst) sparse matrix of the edges not older than ``cutoff`` (both directions if symmetric)."""
         self.compact()
@@ -319,6 +327,27 @@ class GraphStore:
         if evicted:
             self.generation += 1
         return evicted
+
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Forget ``user_ids`` and ``item_ids``: their rows (returned; ids added later reuse them) lose their
+        neighbours and degree, and the edge history keeps only edges within the TTL that touch no removed id.
+
+        Buffered edges of other rows that point at a removed row are older than the TTL (an id expires only once
+        its last event is), so they are never sampled, also once the row is reused."""
+        users = self.users.remove(np.asarray(user_ids, dtype=np.int64))
+        items = self.items.remove(np.asarray(item_ids, dtype=np.int64)) if self.mode == "bipartite" else users
+        if self.mode == "user_user":
+            items = np.r_[users, self.users.remove(np.asarray(item_ids, dtype=np.int64))]
+            users = items
+        for t, rows in enumerate((users, items)[: self.n_types]):
+            rb = self.buffers[t]
+            rb.clear(rows)
+            rb.last_ts[rows] = 0
+        self.degree[users[users < len(self.degree)]] = 0
+        self.log.expire(self.cutoff(), users, items)
+        self._recount_columns()
+        self.generation += 1
+        return users, items
 
     def sample(
         self, rows: np.ndarray, node_type: int, fanouts: list[int], rng: np.random.Generator | None = None

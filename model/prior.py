@@ -44,6 +44,11 @@ class RecentPopularity:
         mixed = (1.0 - self.lifetime) * recent + self.lifetime * lifetime
         return np.log(np.maximum(mixed, 1e-9))
 
+    def reset(self, rows: np.ndarray) -> None:
+        """Forget the counts of ``rows`` (removed items: another may reuse the row)."""
+        self._frequency.reset(rows)
+        self._lifetime.reset(rows)
+
     def state_dict(self) -> dict:
         """Recent and lifetime counts."""
         return {"frequency": self._frequency.state_dict(), "lifetime": self._lifetime.state_dict()}
@@ -104,6 +109,11 @@ class PopularityPrior:
         v = self.model.item_embeddings(item_ids)
         prior = self.scale * self.popularity.log_q(self._items.lookup(np.asarray(item_ids, dtype=np.int64)))
         return np.concatenate([v, prior[:, None].astype(np.float32)], axis=1)
+
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget ids in the inner model and the removed items' popularity counts."""
+        self.model.expire(user_ids, item_ids)
+        self.popularity.reset(self._items.remove(np.asarray(item_ids, dtype=np.int64)))
 
     def known_items(self) -> np.ndarray:
         """The inner model's items."""

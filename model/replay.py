@@ -42,6 +42,20 @@ class Reservoir:
         self.users[dst], self.items[dst], self.weights[dst] = users[src], items[src], weights[src]
         self.seen += n
 
+    def drop(self, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
+        """Remove the stored events of ``user_rows`` or ``item_rows`` (removed ids: their rows will be reused)."""
+        n = len(self)
+        keep = ~(np.isin(self.users[:n], user_rows) | np.isin(self.items[:n], item_rows))
+        if keep.all():
+            return
+        m = int(keep.sum())
+        self.users[:m], self.items[:m], self.weights[:m] = (
+            self.users[:n][keep],
+            self.items[:n][keep],
+            self.weights[:n][keep],
+        )
+        self.seen = m  # the survivors are a uniform sample of what is left; sampling goes on from there
+
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``k`` stored events drawn uniformly with replacement (fewer if the reservoir is empty)."""
         if len(self) == 0 or k <= 0:

@@ -132,6 +132,11 @@ class SpectralBlock:
         norm = np.linalg.norm(out, axis=1, keepdims=True)
         return (out / np.maximum(norm, 1e-12)).astype(np.float32)
 
+    def forget(self, rows_by_type: tuple[np.ndarray, ...]) -> None:
+        """Zero the vectors of removed rows (another id may reuse a row before the next fit)."""
+        for base, rows in zip(self.base, rows_by_type):
+            base[rows[rows < len(base)]] = 0.0
+
     def state_dict(self) -> dict:
         """Base vectors and the schedule's counters as tensors."""
         state: dict = {f"base_{t}": torch.from_numpy(b.copy()) for t, b in enumerate(self.base)}

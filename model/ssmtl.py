@@ -422,19 +422,32 @@ class SSMTLModel:
 
     def known_item_rows(self) -> np.ndarray:
         """Rows of every item that can be served."""
-        n = self.graph.n_rows(self.graph.item_type)
-        return np.arange(n) if self.graph.mode == "bipartite" else np.flatnonzero(self._is_target[:n])
+        rows = self.graph.items.rows()
+        return rows if self.graph.mode == "bipartite" else rows[self._is_target[rows]]
 
     # -- the rest of the contract ----------------------------------------------------------------------------------
 
     def known_items(self) -> np.ndarray:
         """Item ids seen so far (in user–user mode: users that appeared as targets)."""
-        ids = self.graph.items.ids()
-        return ids if self.graph.mode == "bipartite" else ids[self._is_target[: len(ids)]]
+        ids = self.graph.items.ids()  # in row order, like ``rows()``
+        return ids if self.graph.mode == "bipartite" else ids[self._is_target[self.graph.items.rows()]]
 
     def known_users(self) -> np.ndarray:
         """User ids seen so far (in user–user mode: every node)."""
         return self.graph.users.ids()
+
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget ids (unseen for at least the graph's TTL): their rows lose their neighbours and edges, id embedding
+        (and its optimiser state), spectral vector, replayed events and item counts; ids added later reuse the rows."""
+        g, enc = self.graph, self.encoder
+        users, items = g.expire(user_ids, item_ids)
+        for t, rows in enumerate((users, items)[: g.n_types]):
+            enc.tables[t].reset(rows[rows < enc.tables[t].capacity], self._optimizer.optimizers[0])
+        self.spectral.forget((users, items)[: g.n_types])
+        self.reservoir.drop(users, items)
+        self.frequency.reset(items)
+        self.popularity.reset(items)
+        self._is_target[items[items < len(self._is_target)]] = False
 
     def user_degree(self, user_ids: np.ndarray) -> np.ndarray:
         """Lifetime events per user; small values mark cold users."""

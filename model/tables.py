@@ -23,8 +23,9 @@ class IdIndex:
 
     def __init__(self) -> None:
         self._rows: dict[int, int] = {}
-        self._ids = np.empty(1024, dtype=np.int64)  # row → raw id; capacity doubles, rows beyond len unused
-        self._n = 0
+        self._ids = np.empty(1024, dtype=np.int64)  # row → raw id (-1: a removed id's row, free for reuse)
+        self._n = 0  # rows assigned so far (removed ones included)
+        self._free: list[int] = []  # rows of removed ids, reused (lowest first) by ids added later
 
     def __len__(self) -> int:
         return self._n
@@ -40,8 +41,12 @@ class IdIndex:
         for i, raw in enumerate(raw_ids.tolist()):
             row = rows.get(raw)
             if row is None:
-                row = rows[raw] = self._n + len(new)
-                new.append(raw)
+                if self._free:
+                    row = rows[raw] = self._free.pop()
+                    self._ids[row] = raw
+                else:
+                    row = rows[raw] = self._n + len(new)
+                    new.append(raw)
             out[i] = row
         if new:
             self._append(np.asarray(new, dtype=np.int64))
@@ -72,20 +77,44 @@ class IdIndex:
         return np.fromiter((rows.get(r, -1) for r in np.asarray(raw_ids).tolist()), dtype=np.int64, count=len(raw_ids))
 
     def ids(self) -> np.ndarray:
-        """All known raw ids, in row order: a read-only view, O(1) (later additions do not show in it)."""
+        """All known raw ids, in row order: a read-only view, O(1) (later additions do not show in it); once ids
+        were removed, a copy without them."""
         view = self._ids[: self._n]
+        if self._free:
+            view = view[view >= 0]
         view.flags.writeable = False
         return view
 
+    def rows(self) -> np.ndarray:
+        """Rows held by an id (the free rows of removed ids left out), ascending.
+
+        >>> idx = IdIndex(); _ = idx.add(np.array([5, 6, 7])); _ = idx.remove(np.array([6])); idx.rows().tolist()
+        [0, 2]
+        """
+        return np.flatnonzero(self._ids[: self._n] >= 0) if self._free else np.arange(self._n)
+
+    def remove(self, raw_ids: np.ndarray) -> np.ndarray:
+        """Forget ``raw_ids`` (unknown ones are skipped); returns their rows, which ids added later reuse.
+
+        >>> idx = IdIndex(); _ = idx.add(np.array([5, 6, 7]))
+        >>> idx.remove(np.array([6, 9])).tolist(), idx.ids().tolist(), idx.add(np.array([8])).tolist()
+        ([1], [5, 7], [1])
+        """
+        rows = np.array([self._rows.pop(r) for r in np.asarray(raw_ids).tolist() if r in self._rows], dtype=np.int64)
+        self._ids[rows] = -1
+        self._free = sorted({*self._free, *rows.tolist()}, reverse=True)  # pop() hands out the lowest row first
+        return rows
+
     def state_dict(self) -> dict:
-        """The ids in row order (enough to rebuild the map)."""
-        return {"ids": torch.from_numpy(self.ids().copy())}
+        """The ids in row order, -1 for a free row (enough to rebuild the map)."""
+        return {"ids": torch.from_numpy(self._ids[: self._n].copy())}
 
     def load_state_dict(self, state: dict) -> None:
         """Rebuild from ``state_dict()``."""
         ids = state["ids"].numpy().astype(np.int64, copy=True)
         self._ids, self._n = ids, len(ids)
-        self._rows = {raw: row for row, raw in enumerate(ids.tolist())}
+        self._rows = {raw: row for row, raw in enumerate(ids.tolist()) if raw >= 0}
+        self._free = sorted(np.flatnonzero(ids < 0).tolist(), reverse=True)
 
 
 class GrowableEmbedding(torch.nn.Module):
@@ -117,6 +146,16 @@ class GrowableEmbedding(torch.nn.Module):
         extra = torch.randn(new_cap - old.shape[0], self.dim, device=old.device) * self.init_std
         self.weight = torch.nn.Parameter(torch.cat([old, extra]))
         return True
+
+    def reset(self, rows: np.ndarray, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Give ``rows`` fresh initial values (a removed id's row, before another id reuses it) and zero their
+        per-row state in ``optimizer`` (e.g. Adam moments)."""
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.weight.device)
+        with torch.no_grad():
+            self.weight[index] = torch.randn(len(index), self.dim, device=self.weight.device) * self.init_std
+        for value in (optimizer.state.get(self.weight, {}) if optimizer is not None else {}).values():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == self.weight.shape[0]:
+                value[index] = 0
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the table, with sparse gradients."""

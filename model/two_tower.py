@@ -94,6 +94,15 @@ class TwoTowerModel:
             self.recent.append(u_rows, i_rows, batch.ts_ms)
         return report
 
+    def expire(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        """Forget ids: their rows get initial values (optimiser state zeroed) and ids added later reuse them; a
+        removed user's history goes (a user's history may still name a removed item's row: it ages out)."""
+        users, items = self.users.remove(np.asarray(user_ids)), self.items.remove(np.asarray(item_ids))
+        self.user_table.reset(users[users < self.user_table.capacity], self._optimizer)
+        self.item_table.reset(items[items < self.item_table.capacity], self._optimizer)
+        self.recent.clear(users[users < len(self.recent.count)])
+        self.frequency.reset(items)
+
     def _step(self, u_rows: np.ndarray, i_rows: np.ndarray, weights: np.ndarray) -> StepResult | None:
         """One guarded optimiser step on these events (None: skipped, the loss or a gradient was not finite)."""
         loss = self._loss(u_rows, i_rows, weights)

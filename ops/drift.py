@@ -34,7 +34,9 @@ SIGNALS: dict[str, Direction] = {"item_shift": "up", "neighbour_churn": "up", "c
 class NoDrift:
     """The null drift monitor: measures nothing, never alarms."""
 
-    def observe(self, published: Published, recall: float | None) -> tuple[dict[str, float], list[str]]:
+    def observe(
+        self, published: Published, recall: float | None, item_shift: np.ndarray | None = None
+    ) -> tuple[dict[str, float], list[str]]:
         """Return (figures, names of signals that drifted)."""
         return {}, []
 
@@ -48,8 +50,8 @@ def cosine_shift(previous: np.ndarray, current: np.ndarray, existed: np.ndarray)
     [0.0, 1.0]
     """
     prev, cur = previous[existed], current[existed]
-    denom = np.linalg.norm(prev, axis=1) * np.linalg.norm(cur, axis=1)
-    return 1.0 - (prev * cur).sum(axis=1) / np.maximum(denom, 1e-12)
+    denom = np.sqrt(np.einsum("ij,ij->i", prev, prev) * np.einsum("ij,ij->i", cur, cur))
+    return 1.0 - np.einsum("ij,ij->i", prev, cur) / np.maximum(denom, 1e-12)
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -264,12 +266,17 @@ class DriftMonitor:
         self._centroids: deque[np.ndarray] = deque(maxlen=reference_batches)
         self._fixed_reference: np.ndarray | None = None
 
-    def observe(self, published: Published, recall: float | None) -> tuple[dict[str, float], list[str]]:
-        """Measure this batch's figures, feed the detectors; returns (figures, names of signals that drifted)."""
+    def observe(
+        self, published: Published, recall: float | None, item_shift: np.ndarray | None = None
+    ) -> tuple[dict[str, float], list[str]]:
+        """Measure this batch's figures, feed the detectors; returns (figures, names of signals that drifted).
+        ``item_shift``: the refreshed items' cosine shifts when the caller computed them already."""
         self._batches += 1
         figures: dict[str, float] = {}
         signals: dict[str, float] = {}
-        shift = cosine_shift(published.item_previous, published.item_vectors, published.item_existed)
+        shift = item_shift
+        if shift is None:
+            shift = cosine_shift(published.item_previous, published.item_vectors, published.item_existed)
         if len(shift):
             figures["item_shift"] = signals["item_shift"] = float(shift.mean())
         jaccard = self._neighbour_jaccard() if self._batches % self.every == 0 else None

@@ -11,16 +11,16 @@ import numpy as np
 from ebrflow.model.base import Batch
 from ebrflow.ops.drift import NoDrift, cosine_shift
 from ebrflow.ops.history import BatchRecord, HistoryWriter
-from ebrflow.ops.metrics import PipelineMetrics
+from ebrflow.ops.metrics import PipelineMetrics, observe_many
 from ebrflow.ops.prequential import Evaluation, PrequentialEvaluator
 from ebrflow.ops.status import StatusLine
-from ebrflow.stream.pipeline import BatchResult
+from ebrflow.stream.policy import BatchResult
 
 log = logging.getLogger(__name__)
 
 
 class MetricsObserver:
-    """Implements ``stream.pipeline.Observer``: metrics on every hook, test-then-train scores, drift, history."""
+    """Implements ``stream.policy.Observer``: metrics on every hook, test-then-train scores, drift, history."""
 
     def __init__(
         self,
@@ -73,7 +73,7 @@ class MetricsObserver:
         self._batches += 1
         self._errors.clear()
         m.batches.inc()
-        m.events_trained.inc(len(result.batch))
+        m.events_trained.inc(result.own)
         m.batch_size.observe(len(result.batch))
         m.batch_duration.observe(sum(result.stage_seconds.values()))
         for stage, secs in result.stage_seconds.items():
@@ -101,15 +101,15 @@ class MetricsObserver:
             if oldest is not None:
                 m.staleness.labels(collection).set(max(result.published_at - oldest, 0.0))
         lag_s = result.published_at - result.record_ts_ms[result.record_ts_ms > 0] / 1000.0
-        for value in lag_s if not pub.held else ():
-            m.freshness.observe(max(value, 0.0))
+        if not pub.held:
+            observe_many(m.freshness, np.maximum(lag_s, 0.0))
         item_shift = cosine_shift(pub.item_previous, pub.item_vectors, pub.item_existed)
-        for value in item_shift:
-            m.embedding_shift.labels("items").observe(value)
-        for value in cosine_shift(pub.user_previous, pub.user_vectors, pub.user_existed):
-            m.embedding_shift.labels("users").observe(value)
+        observe_many(m.embedding_shift.labels("items"), item_shift)
+        observe_many(
+            m.embedding_shift.labels("users"), cosine_shift(pub.user_previous, pub.user_vectors, pub.user_existed)
+        )
         ev = self._last
-        figures, drifted = self.drift.observe(pub, ev.all.recall if ev else None)
+        figures, drifted = self.drift.observe(pub, ev.all.recall if ev else None, item_shift=item_shift)
         for signal in drifted:
             m.drift_detected.labels(signal).inc()
             log.warning("drift detected in %s at batch %d (model version %d)", signal, self._batches, pub.version)
@@ -191,6 +191,14 @@ class MetricsObserver:
         """Log the periodic status line when it is due."""
         if self.status is not None:
             self.status.maybe_log(now)
+
+    def on_expired(self, users: np.ndarray, items: np.ndarray, deleted: dict[str, int]) -> None:
+        """Count the Milvus rows deleted for expired ids; forget the expired users' event counts."""
+        for collection, n in deleted.items():
+            self.metrics.expired.labels(collection).inc(n)
+        prior = self.evaluator.core.prior
+        for u in users.tolist():
+            prior.pop(u, None)
 
     def on_generation(self, served: int | None, writing: int) -> None:
         """Record the served and the written Milvus generation (0: none served yet)."""

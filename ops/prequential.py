@@ -181,3 +181,11 @@ class PrequentialEvaluator:
         exclude = [self.seen.get(u) for u in users[rows].tolist()]
         ranks[rows] = ranks_in(self.items.topk(vectors[rows], self.core.k, exclude=exclude), items[rows])
         return ranks
+
+
+class NoEvaluation(PrequentialEvaluator):
+    """Scores nothing: the evaluator of a rank other than 0 (rank 0 scores each batch for the job)."""
+
+    def evaluate(self, batch: Batch) -> Evaluation:
+        """An empty score."""
+        return Evaluation()

@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ebrflow.model.base import Batch
 from ebrflow.stream.schema import Event
+
+
+@dataclass
+class Taken:
+    """What the loop takes: a closed micro-batch (possibly without events: only dead letters), or nothing.
+
+    ``offsets``: next offset per partition once the batch is trained (ranks: every partition the job advanced).
+    ``ranges``: first and last offset this process consumed per partition (the audit log). ``own``: events
+    this process consumed (ranks: its share of the all-gathered batch). ``last``: no batch follows.
+    """
+
+    batch: Batch
+    record_ts: np.ndarray
+    offsets: dict[tuple[str, int], int]
+    ranges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    invalid: int = 0
+    own: int = -1
+    io_seconds: dict[str, float] = field(default_factory=dict)
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.own < 0:
+            self.own = len(self.batch)
+
+    @classmethod
+    def nothing(cls, last: bool = False) -> Taken:
+        """No batch (yet)."""
+        return cls(Batch.of([], []), np.empty(0, np.int64), {}, last=last)
+
+    @property
+    def empty(self) -> bool:
+        """No event and no offset: nothing to train or acknowledge."""
+        return not len(self.batch) and not self.offsets
 
 
 class MicroBatcher:
@@ -61,6 +95,12 @@ class MicroBatcher:
             return True
         return (time.monotonic() if now is None else now) - self._opened_at >= self.max_wait_s
 
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the open batch took its first record (0 when none is open)."""
+        if self._opened_at is None:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._opened_at
+
     def pending(self) -> bool:
         """True if any record (valid or not) awaits processing."""
         return self._opened_at is not None
@@ -69,8 +109,9 @@ class MicroBatcher:
         """First and last offset consumed into the open batch, per partition (for the audit log)."""
         return {tp: (self._first[tp], last) for tp, last in self._offsets.items()}
 
-    def take(self) -> tuple[Batch, np.ndarray, dict[tuple[str, int], int]]:
-        """Close the batch: (model batch, Kafka record timestamps in ms, next offset to commit per partition)."""
+    def close(self) -> Taken:
+        """Close the batch: its events, Kafka record timestamps (ms), next offset per partition and ranges."""
+        ranges = self.ranges()
         events = self._events
         batch = Batch(
             user_ids=np.fromiter((e.user_id for e in events), np.int64, len(events)),
@@ -81,4 +122,4 @@ class MicroBatcher:
         record_ts = np.asarray(self._record_ts, dtype=np.int64)
         commit = {tp: off + 1 for tp, off in self._offsets.items()}
         self._events, self._record_ts, self._offsets, self._first, self._opened_at = [], [], {}, {}, None
-        return batch, record_ts, commit
+        return Taken(batch, record_ts, commit, ranges)

@@ -174,7 +174,7 @@ class Checkpointer:
                 self.model.load_state_dict(initial[0])
                 self.seen.load_state_dict(initial[1])
                 continue
-            self._restore_variants(state.get("variants", {}))
+            self.restore_variants(state.get("variants", {}))
             restored = Restored(
                 path,
                 _unpack_offsets(state["offsets"]),
@@ -194,7 +194,7 @@ class Checkpointer:
             log.error("no usable checkpoint in %s: starting from an empty model", self.store.directory)
         return None
 
-    def _restore_variants(self, saved: dict) -> None:
+    def restore_variants(self, saved: dict) -> None:
         """Load each configured variant saved in the checkpoint; one that does not load (its configuration
         changed) starts fresh, logged, without costing the served model its checkpoint."""
         for name, (model, seen, fingerprint) in self.variants.items():

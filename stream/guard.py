@@ -13,11 +13,19 @@ the next batch arrives).
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import statistics
 from collections import deque
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from ebrflow.stream.policy import Policy, Step
+
+if TYPE_CHECKING:
+    from ebrflow.stream.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
 Action = Literal["hold", "rollback", "resume"]
 
 
@@ -115,3 +123,45 @@ class RecallGuard:
             return "hold"
         self._recent.clear()  # the restored model is judged afresh
         return "rollback"
+
+
+class GuardPolicy(Policy):
+    """The loop's recall guard: feeds it each batch's prequential score (and the previous batch's loss), holds
+    Milvus writes while it says so, and in rollback mode keeps a snapshot of the model every ``snapshot_every``
+    healthy batches to restore. After a resume or a rollback every known id is re-published.
+
+    Ranks run it in lockstep: every rank scores the same all-gathered batch against the same mirrors, so every
+    rank takes the same action at the same batch (their replicas stay identical through a rollback).
+    """
+
+    def __init__(self, guard: RecallGuard, snapshot_every: int = 20) -> None:
+        self.guard = guard
+        self.snapshot_every = snapshot_every
+        self._snapshot: dict | None = None  # the model before a batch it scored healthily on
+        self._since_snapshot = 0
+        self._last_loss: float | None = None  # the previous batch's training loss (the divergence signal)
+
+    def before_train(self, loop: Pipeline, step: Step) -> None:
+        """Act on the guard's verdict of this batch's score: snapshot, roll back, hold or resume."""
+        if step.score is None:
+            return
+        guard = self.guard
+        action = guard.observe(*step.score, loss=self._last_loss)
+        if action is None and guard.mode == "rollback" and not guard.holding:
+            self._since_snapshot += 1
+            if self._snapshot is None or self._since_snapshot >= self.snapshot_every:
+                self._snapshot = copy.deepcopy(loop.model.state_dict())  # it just scored healthily: a good state
+                self._since_snapshot = 0
+        if action == "rollback" and self._snapshot is not None:
+            loop.model.load_state_dict(copy.deepcopy(self._snapshot))
+            log.warning("recall guard: rolled the model back to its last healthy snapshot (v%d)", loop.model.version)
+        elif action is not None:
+            log.warning("recall guard: %s", "holding Milvus writes" if action == "hold" else "publishing again")
+        loop.publishing.held = guard.holding
+        if action is not None:
+            loop.observer.on_guard(action, guard.holding)
+        step.republish = step.republish or action in ("resume", "rollback")
+
+    def before_publish(self, loop: Pipeline, step: Step) -> None:
+        """Remember the batch's loss for the next verdict."""
+        self._last_loss = step.report.loss

@@ -10,8 +10,15 @@ when a sweep starts just after it was written).
 from __future__ import annotations
 
 import math
+import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ebrflow.stream.policy import Policy, Step
+
+if TYPE_CHECKING:
+    from ebrflow.stream.pipeline import Pipeline
 
 
 class RollingRefresh:
@@ -50,3 +57,16 @@ class RollingRefresh:
             self._cursor[role] = (start + take) % n
             out[role] = ids[idx]
         return out
+
+
+class Refresh(Policy):
+    """The loop's rolling refresh: each batch also publishes the next slice of the model's known ids."""
+
+    def __init__(self, max_staleness_s: float) -> None:
+        self.rolling = RollingRefresh(max_staleness_s, time.monotonic())
+
+    def before_publish(self, loop: Pipeline, step: Step) -> None:
+        """Add the ids due for re-publishing to the batch's."""
+        known = {"item": loop.model.known_items(), "user": loop.model.known_users()}
+        due = self.rolling.next_slice(known, time.monotonic())
+        step.items, step.users = np.union1d(step.items, due["item"]), np.union1d(step.users, due["user"])

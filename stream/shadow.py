@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ebrflow.indexer.generations import Generations
 from ebrflow.indexer.publisher import Publisher
 from ebrflow.model.base import Batch, RetrievalModel
+from ebrflow.stream.policy import Coordinator, Policy, Solo, Step
 from ebrflow.stream.refresh import RollingRefresh
+
+if TYPE_CHECKING:
+    from ebrflow.stream.pipeline import Pipeline
 
 
 class Scorer(Protocol):
@@ -48,16 +52,15 @@ class Variant:
     refresh: RollingRefresh | None = None  # the variant's own rolling refresh (see stream.refresh)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def open(self) -> None:
-        """Write the served generation of the variant's collections, or a new one when there is none or its
-        dimension differs from the variant's (its configuration changed); call ``serve`` once re-published."""
+    def choose(self) -> int:
+        """The generation of the variant's collections to write: the served one, or a new one when there is none
+        or its dimension differs from the variant's (its configuration changed)."""
         store = self.publisher.store
         gens = Generations(store.client, store.prefix)
         served = gens.served()
         if served is not None and store.dim_of(gens.physical("items", served)) == store.dim:
-            store.use_generation(served)
-        else:
-            store.use_generation(max([*gens.existing(), 0]) + 1)
+            return served
+        return max([*gens.existing(), 0]) + 1
 
     def serve(self) -> None:
         """Point the variant's aliases at the generation it writes (after ``republish_all`` filled it)."""
@@ -99,3 +102,48 @@ class Variant:
         items, users = self.model.known_items(), self.model.known_users()
         for start in range(0, max(len(items), len(users)), chunk):
             self.publish(items[start : start + chunk], users[start : start + chunk], (empty, empty))
+
+
+class ShadowVariants(Policy):
+    """The loop's shadow A/B: every variant opens its collections at sync, learns and publishes each batch after
+    the served model, and re-publishes everything at the end. Ranks: the leader picks each variant's generation
+    and points its aliases; every rank trains every variant on the all-gathered batch and writes its own ids."""
+
+    def __init__(self, variants: list[Variant], coordinator: Coordinator | None = None) -> None:
+        self.variants = variants
+        self.coordinator = coordinator or Solo()
+
+    def on_sync(self, loop: Pipeline) -> None:
+        """Open each variant's collections, fill them with its restored model, and serve them."""
+        lead = self.coordinator.leader
+        for v in self.variants:
+            store = v.publisher.store
+            if lead:
+                loop.retrying("publish", lambda v=v: v.publisher.store.use_generation(v.choose()))
+            generation = self.coordinator.share(store.generation)  # the leader created it; the others open it
+            loop.retrying("publish", lambda s=store, g=generation: s.use_generation(g))
+            loop.retrying("publish", v.republish_all)
+            self.coordinator.barrier()
+            if lead:
+                loop.retrying("publish", v.serve)
+
+    def after_publish(self, loop: Pipeline, step: Step) -> None:
+        """Same batch, own model and collections, after the served one."""
+        for v in self.variants:
+            hits, evaluated = v.learn(step.batch)
+            loop.retrying("publish", lambda v=v: v.publish_batch(step.batch))
+            loop.observer.on_variant(v.name, hits, evaluated, v.seconds)
+
+    def on_expire(self, loop: Pipeline, users: np.ndarray, items: np.ndarray) -> None:
+        """Every variant forgets the expired ids too (model, served state, Milvus rows)."""
+        for v in self.variants:
+            v.model.expire(users, items)
+            v.publisher.forget(users, items)
+            store = v.publisher.store
+            loop.retrying("publish", lambda s=store: s.delete_ids(s.items, items) + s.delete_ids(s.users, users))
+
+    def on_finish(self, loop: Pipeline) -> None:
+        """Re-publish every variant's embeddings after a run that trained."""
+        if loop.summary.batches:
+            for v in self.variants:
+                loop.retrying("publish", v.republish_all)

@@ -148,20 +148,23 @@ def run_diverge(out: Path) -> list[dict]:
 def grow_worker(rank: int, world: int, port: int, out: str) -> None:
     """Ranks 0 and 1 checkpoint a trained replica at steps 1 and 2 (rank 1 misses step 2, as if killed first); then
     all ``world`` ranks restore: the newest common step, and the rank without checkpoints receives it."""
-    from types import SimpleNamespace
-
     from ebrflow.indexer.seen import SeenItems
     from ebrflow.model.checkpoint import CheckpointStore
     from ebrflow.model.distributed import ReplicatedTrainer, replica_digest
-    from ebrflow.stream.ranked import RankCheckpoints
+    from ebrflow.stream.checkpointer import Checkpointer
+    from ebrflow.stream.rank_checkpoints import RankCheckpoints
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def checkpoints(trainer: ReplicatedTrainer) -> RankCheckpoints:
+        store = CheckpointStore(Path(out, f"rank{rank}"))
+        return RankCheckpoints(Checkpointer(store, trainer.served, SeenItems(), fingerprint={"kind": "t"}), rank, world)
+
     try:
         trainer = ReplicatedTrainer(small_model())
-        publisher = SimpleNamespace(seen=SeenItems())
-        ckpts = RankCheckpoints(CheckpointStore(Path(out, f"rank{rank}")), trainer, publisher, {"kind": "t"})  # type: ignore[arg-type]
+        ckpts = checkpoints(trainer)
         stream = events(1024)
         digests = []
         for step in (1, 2):
@@ -169,11 +172,12 @@ def grow_worker(rank: int, world: int, port: int, out: str) -> None:
             trainer.step(Batch.of(stream.user_ids[part], stream.item_ids[part], ts_ms=stream.ts_ms[part]))
             digests.append(trainer.model.version)
             if rank == 0 or (rank == 1 and step == 1):
-                ckpts.save(step, {("t", 0): step * 100}, 1)
+                ckpts.step, ckpts.generation = step, 1
+                ckpts.save({("t", 0): step * 100})
         fresh = ReplicatedTrainer(small_model())
-        again = RankCheckpoints(CheckpointStore(Path(out, f"rank{rank}")), fresh, publisher, {"kind": "t"})  # type: ignore[arg-type]
+        again = checkpoints(fresh)
         restored = again.restore()
-        result = {"step": restored[0], "offsets": restored[1][("t", 0)], "digest": replica_digest(fresh.served),
+        result = {"step": again.step, "offsets": restored.offsets[("t", 0)], "digest": replica_digest(fresh.served),
                   "versions": digests, "restored_version": fresh.model.version}  # fmt: skip
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -185,4 +189,85 @@ def run_grow(out: Path, world: int = 3) -> list[dict]:
     import torch.multiprocessing as mp
 
     mp.spawn(grow_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def rebalance_worker(rank: int, world: int, port: int, config: str, out: str, leave_after: int, away_s: float) -> None:
+    """One rank of ``ebrflow run --ranks`` built in-process (``ebrflow.ranks.build_rank``); rank 1's consumer leaves
+    its group once the job trained ``leave_after`` batches and joins again once rank 0 trained one of its partitions
+    (or ``away_s`` later): its partitions move to rank 0 and back.
+    Writes the partitions this rank held over time, what its ``/metrics`` and ``/readyz`` answered, and its summary."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from ebrflow.config import load_settings
+    from ebrflow.ranks import build_rank, init_group
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    init_group("gloo")
+    settings = load_settings(config)
+    trainer, _ = build_rank(settings, settings.kafka.bootstrap_servers, rank, world)
+    held: list[list[int]] = []
+    probes: dict[str, int] = {}
+    done = threading.Event()
+
+    first: list[int] = []
+
+    def rank0_took(_: list[int]) -> bool:
+        """Rank 0's audit log shows a batch of a partition rank 1 held first."""
+        if not first:
+            first.extend(next((parts for parts in held if parts), []))
+        audit = Path(settings.run.data_dir) / "rank0" / "processed.log"
+        lines = audit.read_text().splitlines() if audit.exists() else []
+        return any(int(line.split()[1]) in first for line in lines if len(line.split()) == 4)
+
+    def watch() -> None:
+        left_at = None if rank == 1 else -1.0
+        while not done.wait(0.05):
+            parts = sorted(tp.partition for tp in trainer.consumer.consumer.assignment())
+            if not held or held[-1] != parts:
+                held.append(parts)
+            if left_at is None and trainer.metrics.batches._value.get() >= leave_after:
+                trainer.consumer.leave()
+                left_at = time.monotonic()
+            if left_at is not None and left_at >= 0 and (time.monotonic() - left_at > away_s or rank0_took(parts)):
+                trainer.consumer.join()
+                left_at = -1.0
+            due = time.monotonic() >= probes.get("next", 0.0) and trainer.metrics.batches._value.get() >= 2
+            if due and probes.get("readyz") != 200:  # /readyz is 503 while the rank's consumer rejoins: poll
+                probes["next"] = time.monotonic() + 0.5
+                for path in ("/metrics", "/readyz"):
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{trainer.metrics_port}{path}", timeout=5) as r:
+                            probes[path.strip("/")] = r.status
+                    except urllib.error.HTTPError as err:
+                        probes[path.strip("/")] = err.code
+                        probes["body"] = err.read().decode()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = trainer.run(idle_exit_s=6)
+        dist.barrier()
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+        trainer.close()
+        dist.destroy_process_group()
+    expired = sum(trainer.metrics.expired.labels(c)._value.get() for c in ("items", "users"))
+    probes = {k: v for k, v in probes.items() if k in ("metrics", "readyz")}
+    result = {"held": held, "probes": probes, "port": trainer.metrics_port, "trained": summary.trained,
+              "recall": summary.extra.get("recall"), "version": trainer.model.version, "expired": expired}  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_rebalance(config: Path, out: Path, leave_after: int, away_s: float, world: int = 2) -> list[dict]:
+    """``world`` ranks through ``rebalance_worker``."""
+    import torch.multiprocessing as mp
+
+    args = (world, free_port(), str(config), str(out), leave_after, away_s)
+    mp.spawn(rebalance_worker, args=args, nprocs=world, join=True)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]

@@ -147,7 +147,7 @@ def test_trainer_survives_broker_restart_and_milvus_outage(tmp_path: Path) -> No
         # the topic with its partition count, and each partition's log up to where the trainer stands (filler
         # it never reads). Tansu answers a fetch past its end with nothing instead of OFFSET_OUT_OF_RANGE.
         ensure_topics(broker.bootstrap_servers, {settings.kafka.topic: settings.kafka.partitions})
-        _refill(broker.bootstrap_servers, trainer.pipeline.gate.next_offsets)
+        _refill(broker.bootstrap_servers, trainer.consumer.positions())
         # (A second member joining and leaving here made this test flaky on memory-only Tansu: 4 failures in
         # ~20 runs under load, each with some partitions never read again; not understood yet. The rebalance
         # during a Milvus outage is covered by tests/test_reliability.py.)
@@ -179,7 +179,7 @@ def test_rebalance_during_broker_outage_loses_nothing(tmp_path: Path) -> None:
         seen: dict[str, object] = {}
         member = threading.Thread(
             target=_member_as_broker_returns,
-            args=(settings, port, lambda: bool(trainer.pipeline.consumer.assignment()), seen),
+            args=(settings, port, lambda: bool(trainer.consumer.consumer.assignment()), seen),
             daemon=True,
         )
         ends: dict[int, int] = {}

@@ -84,7 +84,7 @@ def test_kill_before_first_checkpoint_retrains_everything_and_clears_milvus(
         gens.load(1)
         dead_rows = trainer.store.count(gens.alias("items")) + trainer.store.count(gens.alias("users"))
         assert dead_rows > 0
-        with caplog.at_level(logging.INFO, logger="ebrflow.stream.pipeline"):
+        with caplog.at_level(logging.INFO, logger="ebrflow.stream"):
             summary = trainer.run(idle_exit_s=10)
         items = trainer.model.known_items()
         rows = trainer.store.get(trainer.store.items, items.tolist())

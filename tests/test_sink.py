@@ -127,11 +127,11 @@ def test_overlap_never_commits_past_an_unacknowledged_upsert(settings: Settings)
         gated.held.set()
         send_events(settings, 2000, 2000)
         # the trainer keeps training while the upsert is held, up to the queue depth, then pauses
-        depth = trainer.pipeline.publish_depth
-        assert wait_for(lambda: trainer.pipeline.sink.in_flight == depth, 120), trainer.pipeline.sink.in_flight
+        depth, sink = trainer.pipeline.publishing.depth, trainer.pipeline.publishing.sink
+        assert wait_for(lambda: sink.in_flight == depth, 120), sink.in_flight
         seen_committed = committed()
         acked = {p: o for (_, p), o in trainer.pipeline.offsets.items()}
-        assert trainer.pipeline.sink.in_flight == depth  # and stays paused there
+        assert sink.in_flight == depth  # and stays paused there
         for p, off in seen_committed.items():
             assert off <= acked.get(p, 0), f"partition {p}: committed {off} past acknowledged {acked.get(p)}"
         assert trained_count(trainer) == 2000  # nothing counts as trained before Milvus acknowledges it

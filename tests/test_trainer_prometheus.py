@@ -14,6 +14,7 @@ from ebrflow.app import build_trainer
 from ebrflow.config import Settings
 from ebrflow.stream.generator import SyntheticStream
 from ebrflow.stream.kafka_io import make_producer
+from ebrflow.stream.lag import LagReport
 from ebrflow.stream.replay import Pacer, events_from_arrays, produce
 from tests.promql import ALERT_RULES, PrometheusServer, dashboard_queries
 
@@ -26,7 +27,7 @@ def test_dashboard_queries_return_series_from_a_live_trainer(settings: Settings)
     variants = {"tt": {"kind": "two_tower"}}  # a shadow variant, so the A/B row has series too
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"variants": variants})})
     trainer = build_trainer(settings, settings.kafka.bootstrap_servers)
-    trainer.pipeline.lag_interval_s = 1.0
+    next(p for p in trainer.pipeline.policies if isinstance(p, LagReport)).interval_s = 1.0
     producer = make_producer(settings.kafka.bootstrap_servers)
     stream = SyntheticStream(users=300, items=150, communities=5, seed=2)
     now_ms = lambda: int(time.time() * 1000)  # noqa: E731

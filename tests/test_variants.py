@@ -27,7 +27,7 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
         send_events(settings, 0, 3000)
         summary = trainer.run(max_events=3000, idle_exit_s=30)
         assert summary.trained == 3000
-        variants = {v.name: v for v in trainer.pipeline.variants}
+        variants = {v.name: v for v in trainer.variants}
         for name, variant in variants.items():
             store = variant.publisher.store
             items = variant.model.known_items()
@@ -49,7 +49,7 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
     again = build_trainer(settings, settings.kafka.bootstrap_servers)  # the checkpoint carries every variant
     try:
         again.run(max_events=0)
-        assert {v.name: v.model.version for v in again.pipeline.variants} == versions
+        assert {v.name: v.model.version for v in again.variants} == versions
     finally:
         again.close()
 
@@ -59,7 +59,7 @@ def test_variants_train_publish_and_report_side_by_side_and_survive_a_restart(se
     again = build_trainer(resized, settings.kafka.bootstrap_servers)
     try:
         again.run(max_events=0)
-        tt = next(v for v in again.pipeline.variants if v.name == "tt")
+        tt = next(v for v in again.variants if v.name == "tt")
         assert tt.publisher.store.generation == 2 and tt.publisher.store.dim == 8
         assert Generations(tt.publisher.store.client, variant_prefix(prefix, "tt")).served() == 2
     finally:
