@@ -199,21 +199,16 @@ class SSMTLModel:
         u, i = self.absorb(batch)
         ru, ri, rw = self.reservoir.sample(int(round(self.replay_ratio * len(batch))), self._rng)
         self.reservoir.add(u, i, batch.weights)
-        users, items, weights = np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32)
-        return train_chunks(
-            lambda idx: self._step(users[idx], items[idx], weights[idx]),
-            len(users),
-            self._rng,
-            self.steps_per_batch,
-            self.max_step_size,
-            min_step_size=2,
-        )
+        return self._train(np.r_[u, ru], np.r_[i, ri], np.r_[batch.weights, rw].astype(np.float32))
 
     def train_on(self, batch: Batch) -> TrainReport:
         """Gradient steps on events the graph already holds (a backfill's later epochs), nothing ingested: replaying
         a file must not churn the ring buffers, recount degrees or popularity, or refill the reservoir."""
         users, items = self.graph.users.lookup(batch.user_ids), self.graph.items.lookup(batch.item_ids)
-        weights = batch.weights.astype(np.float32)
+        return self._train(users, items, batch.weights.astype(np.float32))
+
+    def _train(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> TrainReport:
+        """``steps_per_batch`` passes over these event rows in guarded optimiser steps."""
         return train_chunks(
             lambda idx: self._step(users[idx], items[idx], weights[idx]),
             len(users),
