@@ -451,7 +451,7 @@ def build_trainer(
     if run.exclusive_grace_s:
         policies.insert(0, Exclusivity(k.topic, k.group_id, run.exclusive_grace_s))
     audit = (data / "processed.log").open("a", encoding="utf-8") if run.audit_log else None
-    publishing = Publishing(publisher, depth=2, max_backoff_s=30.0)
+    publishing = Publishing(publisher)
     pipeline = Pipeline(source, model, publishing, observer, checkpointer, policies, audit)
     built.append(pipeline)
     return Trainer(pipeline, model, store, publisher, metrics, observer, port, source, variants)

@@ -20,7 +20,7 @@ from ebrflow.app import build_model, open_store
 from ebrflow.config import load_settings
 from ebrflow.model.checkpoint import CheckpointStore
 from ebrflow.stream.broker import EmbeddedBroker
-from ebrflow.stream.pipeline import Pipeline
+from ebrflow.stream.publishing import Publishing
 from tests.crash_harness import coverage, produce_fast, start_trainer, write_config
 
 FIRST, LATER = 120_000, 40_000  # the first lot goes to partitions 0-2 only; the later one to all four
@@ -47,7 +47,7 @@ def test_sigkilled_trainer_loses_nothing(broker: EmbeddedBroker, tmp_path: Path)
     settings = load_settings(cfg)
     # a checkpoint is due once this many batches were acknowledged; it first waits for the (at most publish_depth)
     # batches in flight, which are acknowledged, audit-logged and so re-trained too when the kill lands meanwhile
-    depth = inspect.signature(Pipeline).parameters["publish_depth"].default
+    depth = inspect.signature(Publishing).parameters["depth"].default  # what the app runs with
     per_crash = (settings.run.checkpoint_every_batches + depth) * settings.batch.max_events
     produced = produce_fast(broker.bootstrap_servers, topic, FIRST, partitions=[0, 1, 2])
     assert sum(produced.values()) == FIRST

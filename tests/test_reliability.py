@@ -176,7 +176,7 @@ def test_sigterm_during_milvus_outage_exits_fast_and_restart_loses_nothing(setti
     assert signalled, "the outage never started"
     exit_s = stopped_at - signalled[0]
     # fast = the stop interrupts the retries instead of sitting out a backoff (up to the pipeline's max_backoff_s)
-    backoff = trainer.pipeline.max_backoff_s
+    backoff = trainer.pipeline.publishing.max_backoff_s
     assert exit_s < backoff, f"took {exit_s:.1f} s to stop during the outage (a backoff is up to {backoff} s)"
     first_trained = trained_count(trainer)
 
