@@ -32,6 +32,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from bench.output import code_version
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lightgcn-gowalla"
 RESULTS = Path(__file__).parent / "results"
 # published results on this split (ANCHORS.md: BARS leaderboard, LightGCN paper); never run here
@@ -322,12 +324,50 @@ def _num(x, spec: str) -> str:
 
 
 def _blend(blend: dict | list | None) -> str:
-    """The served (learned, training-free) weights: one pair, or per segment."""
+    """The served (learned, spectral, popularity) weights: one tuple, or one per segment."""
     if not blend:
         return ""
     if isinstance(blend, list):
-        return f"({blend[0]:g}, {blend[1]:g})"
-    return ", ".join(f"{k} ({v[0]:g}, {v[1]:g})" for k, v in blend.items())
+        return "(" + ", ".join(f"{w:g}" for w in blend) + ")"
+    return ", ".join(f"{k} " + _blend(list(v)) for k, v in blend.items())
+
+
+def _commands(rows: list[dict], meta: dict) -> list[str]:
+    """Each distinct command behind the rows (with its commit where the row records one), then older ones."""
+    ran = [f"`{r['command']}` (commit {r.get('commit')})" for r in rows if r.get("command")]
+    return list(dict.fromkeys(ran + [f"`{c}`" for c in meta.get("commands", [])]))
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The targets of the model issue, computed from the rows (never typed): the default against LightGCN's
+    published result and against its own no-gradient-steps start, and each task set against retrieval only."""
+    by = {r["variant"]: r for r in rows}
+    out = []
+    if "default" in by:
+        d = by["default"]
+        met = d["recall@20"] >= 0.183 and d["ndcg@20"] >= 0.155
+        out.append(
+            f"Target Recall@20 ≥ 0.183 and NDCG@20 ≥ 0.155 (LightGCN's paper result): the default reaches "
+            f"{d['recall@20']:.4f} / {d['ndcg@20']:.4f} after {d['epochs']} epochs — {'met' if met else 'missed'}."
+        )
+        if "default-no-steps" in by:
+            ratio = d["recall@20"] / by["default-no-steps"]["recall@20"]
+            out.append(
+                f"Training counts (target ≥ 1.5×): the default is {ratio:.2f}× its no-gradient-steps start "
+                f"({by['default-no-steps']['recall@20']:.4f})."
+            )
+    base = by.get("retrieval-only-10min")
+    if base:
+        parts = [
+            f"{name.removesuffix('-10min')} {r['recall@20'] / base['recall@20']:.3f}×"
+            for name, r in by.items()
+            if name.endswith("-10min") and name != "retrieval-only-10min"
+        ]
+        out.append(
+            "Self-supervised tasks at an equal 10-min budget, Recall@20 against retrieval only "
+            f"({base['recall@20']:.4f}; target ≥ 1.03×): " + ", ".join(parts) + "."
+        )
+    return out
 
 
 def render(out: Path) -> None:
@@ -336,7 +376,7 @@ def render(out: Path) -> None:
     meta, rows = data["meta"], data["results"]
     lines = [
         "| variant | role | Recall@20 | NDCG@20 | train wall (s) | epochs started | steps (skipped) "
-        "| spectral refits (s) | served blend (learned, training-free) | config |",
+        "| spectral refits (s) | served blend (learned, spectral, popularity) | config |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -356,7 +396,7 @@ def render(out: Path) -> None:
             f"| {_blend(r.get('served_blend'))} | {cfg} |"
         )
     notes = [
-        "Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])) + ".",
+        "Commands: " + "; ".join(_commands(rows, meta)) + ".",
         f"Gowalla, LightGCN split: {meta.get('test_users')} test users, full ranking over all "
         f"{meta.get('items')} items, train items masked.",
         "ebrflow rows: the shipped default model trained as `ebrflow backfill` trains it (`ebrflow.app.backfill_file`"
@@ -370,7 +410,7 @@ def render(out: Path) -> None:
         f"({meta.get('val_fraction')} of each user's train items), the best refitted on all of it and scored once "
         "on test; train wall = that final fit.",
     ]
-    notes += meta.get("findings", [])
+    notes += findings(rows)
     notes += [meta["caveat"]] if meta.get("caveat") else []
     footnotes = [
         f"- {r['variant']}: {r['note']}" for r in rows if r.get("note") and r["note"] != "published, not run here"
@@ -444,8 +484,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             rows.append(row)
             merge_results(args.out, [row], meta)
+        commit = code_version()["commit"]
         for f in futures:
-            trained = f.result()
+            trained = [{**row, "command": meta["command"], "commit": commit} for row in f.result()]
             rows += trained
             merge_results(args.out, trained, meta)
     return rows
