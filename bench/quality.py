@@ -120,7 +120,8 @@ def ebrflow_families(dataset: str, smoke: bool) -> list[Family]:
     )
     graph = {"graph": "user_user"} if dataset == "collegemsg" else {}
     base = "ebrflow SSMTL, graph = user_user" if graph else "ebrflow SSMTL"
-    if graph:
+    if graph:  # the shipped default's own training-free start, then the switch
+        out.append(_ebrflow("ebrflow SSMTL, no gradient steps", "ssmtl", {"steps_per_batch": 0}, "variant"))
         out.append(_ebrflow(base, "ssmtl", graph, "variant"))
     shipped = tuple(SSMTL_DEFAULT_TASKS)
     for label, tasks in ABLATION.items():
@@ -309,6 +310,41 @@ def _versus_peers(methods: dict[str, dict], k: int) -> str:
     return f" Shipped default / best peer: {', '.join(ratios)}." if ratios else ""
 
 
+def _training_counts(methods: dict[str, dict], k: int) -> str:
+    """The model issue's stream targets, computed: the shipped default over its own no-gradient-steps variant
+    (≥ 1.00× all, ≥ 1.03× cold), and each task set over retrieval only (≥ 1.00×) on the same graph."""
+
+    def ratio(a: dict, b: dict, segment: str) -> str:
+        num, den = a[segment]["recall"] or 0.0, b[segment]["recall"] or 0.0
+        return f"{num / den:.3f}×" if den else "n/a"
+
+    out = []
+    default = methods.get(SHIPPED)
+    steps0 = methods.get("ebrflow SSMTL, no gradient steps")
+    if default and steps0:
+        out.append(
+            f" Shipped default / its no-gradient-steps variant: {ratio(default, steps0, 'all')} on Recall@{k}, "
+            f"{ratio(default, steps0, 'cold')} on cold Recall@{k}."
+        )
+    for base in ("ebrflow SSMTL, graph = user_user", "ebrflow SSMTL"):
+        retrieval = default if base == "ebrflow SSMTL" else methods.get(base)
+        tasks = {n.removeprefix(base + ", "): m for n, m in methods.items() if n.startswith(base + ", retrieval +")}
+        switched0 = methods.get(base + ", no gradient steps")
+        if base != "ebrflow SSMTL" and retrieval and switched0:
+            out.append(
+                f" {base.removeprefix('ebrflow SSMTL, ')} / the same without gradient steps: "
+                f"{ratio(retrieval, switched0, 'all')} on Recall@{k}, {ratio(retrieval, switched0, 'cold')} cold."
+            )
+        if retrieval and tasks:
+            parts = ", ".join(f"{n} {ratio(m, retrieval, 'all')}" for n, m in tasks.items())
+            out.append(
+                f" Task sets / retrieval only ({base.removeprefix('ebrflow SSMTL').strip(', ') or 'default'}"
+                f", Recall@{k}): {parts}."
+            )
+            break
+    return "".join(out)
+
+
 def tables_for(name: str, res: dict[str, Any], k: int, tune_fraction: float) -> list[dict]:
     rows = []
     for method, m in sorted(res["methods"].items(), key=lambda kv: -(kv[1]["all"]["recall"] or 0.0)):
@@ -335,6 +371,7 @@ def tables_for(name: str, res: dict[str, Any], k: int, tune_fraction: float) -> 
         f"come from users never seen before (a miss for every method), so Recall@{k} ≤ "
         f"{1 - res['scored_from_new_users'] / max(res['scored_events'], 1):.3f}. Sorted by Recall@{k}."
         + _versus_peers(res["methods"], k)
+        + _training_counts(res["methods"], k)
     )
     out = [table(f"Quality on {name} (prequential, test-then-train)", cols, rows, note)]
     grid_rows = []
