@@ -11,6 +11,8 @@ per user segment (cold: at most ``cold_max_events`` prior events, warm), and the
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -134,3 +136,47 @@ class BlendSelector:
         self.hits = state["hits"].numpy().copy()
         self.n = state["n"].numpy().copy()
         self.chosen = state["chosen"].numpy().copy()
+
+
+def held_out_ranks(
+    model: Any, batch: Any, candidates: np.ndarray, n_events: int, n_items: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Rank held-out events under every candidate blend, as a served query would: up to ``n_events`` events of
+    ``batch`` that are new to their user (both ends already known to ``model``), each event's item against
+    ``n_items`` random known items (or all of them), every item the user already had excluded.
+
+    ``model`` offers ``graph``, ``query_blocks``, ``key_blocks`` and ``known_item_rows`` (``SSMTLModel``). Returns
+    (ranks: candidates × events, the events' user rows, the factor that scales Recall@20 to the sampled pool), or
+    None when there is nothing to score.
+    """
+    g = model.graph
+    users, items = g.users.find(batch.user_ids), g.items.find(batch.item_ids)
+    known = np.flatnonzero((users >= 0) & (items >= 0))
+    if len(known) < 2:
+        return None
+    users, items = users[known], items[known]
+    distinct, inverse = np.unique(users, return_inverse=True)
+    pos, had = g.log.targets_of(distinct)  # every item each user has had: served queries exclude them
+    pairs = set(zip(pos.tolist(), had.tolist()))
+    novel = np.fromiter((p not in pairs for p in zip(inverse.tolist(), items.tolist())), bool, len(items))
+    pick = np.flatnonzero(novel)
+    if len(pick) > n_events:
+        pick = np.sort(rng.choice(pick, n_events, replace=False))
+    if not len(pick):
+        return None
+    users, items, inverse = users[pick], items[pick], inverse[pick]
+    pool = model.known_item_rows()
+    n_known = len(pool)
+    if n_known > n_items:
+        pool = pool[rng.choice(n_known, n_items, replace=False)]
+    columns = np.r_[items, pool]  # each event's own item first (its positive), then the pool that competes
+    blocks = [q @ k.T for q, k in zip(model.query_blocks(users), model.key_blocks(columns))]
+    excluded = np.ones((len(items), len(columns)), dtype=bool)
+    excluded[:, len(items) :] = pool[None, :] == items[:, None]
+    column = np.full(g.n_rows(g.item_type), -1, dtype=np.int64)
+    column[pool] = np.arange(len(pool)) + len(items)
+    for event, user in enumerate(inverse.tolist()):  # the user's items so far do not compete
+        cols = column[had[pos == user]]
+        excluded[event, cols[cols >= 0]] = True
+    ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, candidates)
+    return ranks, users, max(20.0 * len(pool) / max(n_known, 1), 1.0)

@@ -23,7 +23,7 @@ import torch
 
 from ebrflow.model.balancing import make_balancer
 from ebrflow.model.base import Batch, TrainReport
-from ebrflow.model.blend import CANDIDATES, BlendSelector, candidate_ranks
+from ebrflow.model.blend import CANDIDATES, BlendSelector, held_out_ranks
 from ebrflow.model.encoder import GraphEncoder, Tree
 from ebrflow.model.frequency import ItemFrequency
 from ebrflow.model.graph import USER, GraphStore
@@ -32,35 +32,13 @@ from ebrflow.model.replay import Reservoir
 from ebrflow.model.spectral_block import SpectralBlock
 from ebrflow.model.tables import regrow_optimizer_state
 from ebrflow.model.tasks import Subgraph, Task, parse_tasks
-from ebrflow.model.training import StepResult, finite_step, train_chunks
+from ebrflow.model.training import JointOptimizer, StepResult, finite_step, train_chunks
 from ebrflow.model.two_tower import pick_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {"retrieval": {}}  # the ``tasks`` settings when none are given
 BLENDS = {"auto": CANDIDATES, "learned": ((1.0, 0.0, 0.0),), "free": ((0.0, 1.0, 1.0),)}
-
-
-class _Optimizers:
-    """SparseAdam (id tables) and Adam (task heads) stepped as one, so ``finite_step`` guards both."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """All parameter groups of both optimisers."""
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear every gradient."""
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        """Step both optimisers."""
-        for o in self.optimizers:
-            o.step()
 
 
 def split_dims(dim: int, spectral_dim: int | None, popularity: bool) -> tuple[int, int]:
@@ -181,11 +159,11 @@ class SSMTLModel:
         self.balancer = make_balancer(self.balancing, self.task_weights)
         self._optimizer = self._new_optimizer()
 
-    def _new_optimizer(self) -> _Optimizers:
+    def _new_optimizer(self) -> JointOptimizer:
         sparse = torch.optim.SparseAdam([t.weight for t in self.encoder.tables], lr=self.lr)
         heads = list(self.tasks.parameters())
         dense = torch.optim.Adam(heads or [torch.nn.Parameter(torch.zeros(1))], lr=self.dense_lr)
-        return _Optimizers(sparse, dense)
+        return JointOptimizer(sparse, dense)
 
     @property
     def version(self) -> int:
@@ -381,39 +359,11 @@ class SSMTLModel:
 
     def select(self, batch: Batch) -> None:
         """Score every candidate blend on (up to ``select_events``) events of ``batch`` new to their user, before
-        the model trains on them: each event's item against ``select_items`` random known items (or all of them),
-        the user's items so far excluded, as served."""
-        g = self.graph
-        users, items = g.users.find(batch.user_ids), g.items.find(batch.item_ids)
-        known = np.flatnonzero((users >= 0) & (items >= 0))
-        if len(known) < 2:
-            return
-        users, items = users[known], items[known]
-        distinct, inverse = np.unique(users, return_inverse=True)
-        pos, had = g.log.targets_of(distinct)  # every item each user has had: served queries exclude them
-        pairs = set(zip(pos.tolist(), had.tolist()))
-        novel = np.fromiter((p not in pairs for p in zip(inverse.tolist(), items.tolist())), bool, len(items))
-        pick = np.flatnonzero(novel)
-        if len(pick) > self.select_events:
-            pick = np.sort(self._rng.choice(pick, self.select_events, replace=False))
-        if not len(pick):
-            return
-        users, items, inverse = users[pick], items[pick], inverse[pick]
-        pool = self.known_item_rows()
-        n_items = len(pool)
-        if n_items > self.select_items:
-            pool = pool[self._rng.choice(n_items, self.select_items, replace=False)]
-        columns = np.r_[items, pool]  # each event's own item first (its positive), then the pool that competes
-        blocks = [q @ k.T for q, k in zip(self.query_blocks(users), self.key_blocks(columns))]
-        excluded = np.ones((len(items), len(columns)), dtype=bool)
-        excluded[:, len(items) :] = pool[None, :] == items[:, None]
-        column = np.full(g.n_rows(g.item_type), -1, dtype=np.int64)
-        column[pool] = np.arange(len(pool)) + len(items)
-        for event, user in enumerate(inverse.tolist()):  # the user's items so far do not compete
-            cols = column[had[pos == user]]
-            excluded[event, cols[cols >= 0]] = True
-        ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, self.selector.candidates)
-        self.selector.record(ranks, g.degree[users], max(20.0 * len(pool) / max(n_items, 1), 1.0))
+        the model trains on them (``model.blend.held_out_ranks``), and let the selector record them."""
+        scored = held_out_ranks(self, batch, self.selector.candidates, self.select_events, self.select_items, self._rng)
+        if scored is not None:
+            ranks, users, scale = scored
+            self.selector.record(ranks, self.graph.degree[users], scale)
 
     def known_item_rows(self) -> np.ndarray:
         """Rows of every item that can be served."""

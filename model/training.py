@@ -86,3 +86,25 @@ def train_chunks(
         task_weights={k: float(np.mean(v)) for k, v in task_weights.items()},
         skipped_steps=skipped,
     )
+
+
+class JointOptimizer:
+    """SparseAdam (id tables) and Adam (task heads) stepped as one, so ``finite_step`` guards both."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """All parameter groups of both optimisers."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every gradient."""
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """Step both optimisers."""
+        for o in self.optimizers:
+            o.step()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ebrflow.model.base import Batch, TrainReport
+from ebrflow.model.edges import RingBuffers
 from ebrflow.model.frequency import ItemFrequency
-from ebrflow.model.graph import RingBuffers
 from ebrflow.model.losses import sampled_softmax
 from ebrflow.model.tables import GrowableEmbedding, IdIndex, regrow_optimizer_state
 from ebrflow.model.training import StepResult, finite_step, train_chunks

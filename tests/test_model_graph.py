@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ebrflow.model.graph import ITEM, USER, GraphStore, RingBuffers
+from ebrflow.model.edges import RingBuffers
+from ebrflow.model.graph import ITEM, USER, GraphStore
 
 
 def arr(*xs):

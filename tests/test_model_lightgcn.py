@@ -6,8 +6,9 @@ import scipy.sparse as sp
 import torch
 
 from ebrflow.model.base import Batch
+from ebrflow.model.edges import EdgeLog
 from ebrflow.model.encoder import GraphEncoder, NeighbourMean, combine_layers
-from ebrflow.model.graph import USER, EdgeLog, GraphStore
+from ebrflow.model.graph import USER, GraphStore
 from ebrflow.model.spectral import normalised, procrustes, spectral_embeddings
 from ebrflow.model.ssmtl import SSMTLModel
 
