@@ -157,9 +157,8 @@ def held_out_ranks(
     users, items = users[known], items[known]
     distinct, inverse = np.unique(users, return_inverse=True)
     pos, had = g.log.targets_of(distinct)  # every item each user has had: served queries exclude them
-    pairs = set(zip(pos.tolist(), had.tolist()))
-    novel = np.fromiter((p not in pairs for p in zip(inverse.tolist(), items.tolist())), bool, len(items))
-    pick = np.flatnonzero(novel)
+    width = np.int64(g.n_rows(g.item_type) + 1)
+    pick = np.flatnonzero(~np.isin(inverse * width + items, pos * width + had))  # events new to their user
     if len(pick) > n_events:
         pick = np.sort(rng.choice(pick, n_events, replace=False))
     if not len(pick):
@@ -175,8 +174,14 @@ def held_out_ranks(
     excluded[:, len(items) :] = pool[None, :] == items[:, None]
     column = np.full(g.n_rows(g.item_type), -1, dtype=np.int64)
     column[pool] = np.arange(len(pool)) + len(items)
-    for event, user in enumerate(inverse.tolist()):  # the user's items so far do not compete
-        cols = column[had[pos == user]]
-        excluded[event, cols[cols >= 0]] = True
+    # the user's items so far do not compete: each event gets every (user, item) edge of its user
+    order = np.argsort(pos, kind="stable")
+    had_sorted, counts = had[order], np.bincount(pos, minlength=len(distinct))
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    per_event = counts[inverse]
+    event = np.repeat(np.arange(len(items)), per_event)
+    offset = np.arange(int(per_event.sum())) - np.repeat(np.cumsum(per_event) - per_event, per_event)
+    cols = column[had_sorted[np.repeat(first[inverse], per_event) + offset]]
+    excluded[event[cols >= 0], cols[cols >= 0]] = True
     ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, candidates)
     return ranks, users, max(20.0 * len(pool) / max(n_known, 1), 1.0)
