@@ -220,7 +220,7 @@ def own_data_dir(path: Path | str, empty: bool = False) -> Iterator[Path]:
 
 
 def check_served_dim(store: MilvusStore, settings: Settings, new_generation: bool) -> None:
-    """Without checkpoints a trainer writes the served generation (``Pipeline._choose_generation``): refuse one
+    """Without checkpoints a trainer writes the served generation (``GenerationSwitch._decide``): refuse one
     whose collections have another dimension than ``model.dim`` before anything starts (``ConfigError``, 78)."""
     if settings.run.checkpoints or new_generation:
         return
