@@ -346,7 +346,8 @@ def build_consumer(settings: Settings, bootstrap_servers: str, observer: Metrics
     )
     dlq = DeadLetterWriter(lambda: make_producer(bootstrap_servers, client_kwargs), k.dead_letter_topic())
     batcher = MicroBatcher(settings.batch.max_events, settings.batch.max_wait_ms / 1000.0)
-    return ConsumerThread(consumer, k.topic, EventCodec(max_bytes=k.max_event_bytes), dlq, batcher, observer)
+    codec = EventCodec(max_bytes=k.max_event_bytes)
+    return ConsumerThread(consumer, k.topic, codec, dlq, batcher, observer, on_demand=settings.batch.on_demand)
 
 
 def build_checkpointer(

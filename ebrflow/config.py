@@ -219,10 +219,12 @@ def _like(key: str, value: Any, default: Any) -> Any:
 
 
 class BatchConfig(Section):
-    """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first."""
+    """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first; with ``on_demand``
+    also as soon as the loop waits for one (an idle trainer takes what arrived instead of waiting out the timer)."""
 
     max_events: int = Field(1024, ge=1)
     max_wait_ms: int = Field(100, ge=1)
+    on_demand: bool = True
 
 
 class ModelConfig(Section):

@@ -51,9 +51,12 @@ class ConsumerThread:
         observer: Observer,
         max_backoff_s: float = 30.0,
         backlog: int = 1,
+        on_demand: bool = False,
     ) -> None:
         self.consumer, self.topic, self.codec, self.dlq = consumer, topic, codec, dlq
         self.batcher, self.observer, self.max_backoff_s, self.backlog = batcher, observer, max_backoff_s, backlog
+        self.on_demand = on_demand  # an idle loop gets the open batch at once (``take`` without ``flush``)
+        self._wanted = False  # the loop is waiting in ``take``
         self.gate = PartitionGate(consumer)
         self.consumed = self.invalid = 0
         self._cond = threading.Condition()
@@ -90,10 +93,15 @@ class ConsumerThread:
         self._thread.start()
 
     def take(self, timeout_s: float, flush: bool = False) -> Taken:
-        """The next closed batch, waiting up to ``timeout_s``; with ``flush`` the open batch is closed at the
-        deadline (the ranks' cadence); else ``Taken.nothing`` (``last`` when no batch will follow)."""
+        """The next closed batch, waiting up to ``timeout_s``; with ``on_demand`` the open batch is closed for the
+        waiting loop as soon as it holds a record; with ``flush`` it is closed at the deadline (the ranks'
+        cadence); else ``Taken.nothing`` (``last`` when no batch will follow)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._ready or self._error or self._finished(), timeout_s)
+            self._wanted = self.on_demand and not flush
+            try:
+                self._cond.wait_for(lambda: self._ready or self._error or self._finished(), timeout_s)
+            finally:
+                self._wanted = False
             if self._error is not None:
                 raise self._error
             if self._ready:
@@ -257,7 +265,8 @@ class ConsumerThread:
             return
         wait_ms = 100
         if self.batcher.pending():
-            wait_ms = int(min(max(self.batcher.max_wait_s - self.batcher.age(), 0.0), 0.1) * 1000)
+            due_in = 0.0 if self._wanted else self.batcher.max_wait_s - self.batcher.age()
+            wait_ms = int(min(max(due_in, 0.0), 0.1) * 1000)
         t0 = time.perf_counter()
         try:
             polled = self.consumer.poll(timeout_ms=wait_ms, max_records=max(room, 1))
@@ -315,7 +324,7 @@ class ConsumerThread:
 
     def _close_if_due(self) -> None:
         limit_reached = self._limit is not None and self.consumed >= self._limit
-        if self.batcher.due() or ((self._stopping or limit_reached) and self.batcher.pending()):
+        if self.batcher.due() or ((self._wanted or self._stopping or limit_reached) and self.batcher.pending()):
             self._close()
         if self._room() > 0:
             self._blocked_since = None
