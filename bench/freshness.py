@@ -113,13 +113,16 @@ class Prober:
 
 
 def measure_rate(
-    args: argparse.Namespace, bootstrap: str, rate: float, workdir: Path, events: Any, threads: int
+    args: argparse.Namespace, bootstrap: str, rate: float, workdir: Path, events: Any, threads: int, on_demand: bool
 ) -> dict[str, Any]:
-    tag = f"{int(rate)}-t{threads}"
+    tag = f"{int(rate)}-t{threads}-{'d' if on_demand else 'w'}"
     topic = f"bench.fresh.{tag}"
     ensure_topics(bootstrap, {topic: 4})
     model = {"threads": threads}  # build_model sets torch's thread count from model.threads
-    settings = trainer_settings(bootstrap, topic, f"fresh-{tag}", workdir / tag, kafka=args.kafka, model=model)
+    batch = {"on_demand": on_demand}
+    settings = trainer_settings(
+        bootstrap, topic, f"fresh-{tag}", workdir / tag, kafka=args.kafka, model=model, batch=batch
+    )
     trainer, _ = start_timed_trainer(settings)
     probe = Prober(trainer, bootstrap, topic, rate, args.every, args.poll_ms / 1000)
     threads = [
@@ -181,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, nargs="+", default=None, help="torch thread counts (default: torch's, then 1)"
     )
+    parser.add_argument(
+        "--on-demand",
+        nargs="+",
+        choices=["true", "false"],
+        default=["true"],
+        help="batch.on_demand settings to run (the default true; false: batches close only at the timer or size)",
+    )
     args = parser.parse_args(argv)
     default_threads = torch.get_num_threads()
     args.threads = args.threads or ([default_threads] if args.smoke else list(dict.fromkeys([1, default_threads])))
@@ -196,9 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for rate in args.rates:
-                print(f"[freshness] {rate:g} events/s for {args.seconds:g} s, torch threads {threads}", flush=True)
-                r = measure_rate(args, broker.bootstrap_servers, rate, Path(tmp), events, threads)
-                results[f"{rate:g} events/s, threads={threads}"] = r | {"torch_threads": threads}
+                for on_demand in (flag == "true" for flag in args.on_demand):
+                    print(f"[freshness] {rate:g} events/s for {args.seconds:g} s, threads {threads}", flush=True)
+                    r = measure_rate(args, broker.bootstrap_servers, rate, Path(tmp), events, threads, on_demand)
+                    key = f"{rate:g} events/s, threads={threads}, on_demand={on_demand}"
+                    results[key] = r | {"torch_threads": threads, "on_demand": on_demand}
         torch.set_num_threads(default_threads)
     rows = []
     for r in results.values():
@@ -206,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(
             [
                 r["torch_threads"],
+                "on" if r.get("on_demand", False) else "off",
                 r["rate_target"],
                 r["rate_achieved"],
                 r["trained_rate"],
@@ -221,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Freshness (seconds): produce → new item's embedding returned by a Milvus get",
             [
                 "torch threads",
+                "batch.on_demand",
                 "target events/s",
                 "achieved events/s",
                 "trained events/s",
@@ -245,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.payload["notes"] += [
         f"Trainer: ebrflow defaults ({defaults.model.kind} dim {defaults.model.dim} with the served popularity "
         f"prior, micro-batch closes at {defaults.batch.max_events:,} events or {defaults.batch.max_wait_ms} ms, "
+        "or when the idle loop asks for one with batch.on_demand on, the default), "
         f"{defaults.milvus.index_type} index, Milvus Lite) with session_timeout_ms=6000; synthetic users/items "
         "(10k/5k) for the other events.",
         f"Every {args.every}th event during the {args.seconds:g} s measured phase has a brand-new item id; "
