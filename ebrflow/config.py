@@ -220,7 +220,8 @@ def _like(key: str, value: Any, default: Any) -> Any:
 
 class BatchConfig(Section):
     """Micro-batches close at ``max_events`` or after ``max_wait_ms``, whichever comes first; with ``on_demand``
-    also as soon as the loop waits for one (an idle trainer takes what arrived instead of waiting out the timer)."""
+    (the default) instead when the loop asks for one or at ``max_events``: a batch holds what arrived while the
+    previous one trained, so its size follows the trainer's pace (``max_wait_ms`` then paces ranks only)."""
 
     max_events: int = Field(1024, ge=1)
     max_wait_ms: int = Field(100, ge=1)

@@ -55,7 +55,7 @@ class ConsumerThread:
     ) -> None:
         self.consumer, self.topic, self.codec, self.dlq = consumer, topic, codec, dlq
         self.batcher, self.observer, self.max_backoff_s, self.backlog = batcher, observer, max_backoff_s, backlog
-        self.on_demand = on_demand  # an idle loop gets the open batch at once (``take`` without ``flush``)
+        self.on_demand = on_demand  # batches close when the loop asks for one (``take``), not on a timer
         self._wanted = False  # the loop is waiting in ``take``
         self.gate = PartitionGate(consumer)
         self.consumed = self.invalid = 0
@@ -93,9 +93,10 @@ class ConsumerThread:
         self._thread.start()
 
     def take(self, timeout_s: float, flush: bool = False) -> Taken:
-        """The next closed batch, waiting up to ``timeout_s``; with ``on_demand`` the open batch is closed for the
-        waiting loop as soon as it holds a record; with ``flush`` it is closed at the deadline (the ranks'
-        cadence); else ``Taken.nothing`` (``last`` when no batch will follow)."""
+        """The next closed batch, waiting up to ``timeout_s``; with ``on_demand`` the open batch (everything that
+        arrived since the last one, up to ``max_events``) is closed for the waiting loop as soon as it holds a
+        record; with ``flush`` it is closed at the deadline (the ranks' cadence); else ``Taken.nothing`` (``last``
+        when no batch will follow)."""
         with self._cond:
             self._wanted = self.on_demand and not flush
             try:
@@ -265,7 +266,7 @@ class ConsumerThread:
             return
         wait_ms = 100
         if self.batcher.pending():
-            due_in = 0.0 if self._wanted else self.batcher.max_wait_s - self.batcher.age()
+            due_in = 0.0 if self._wanted else 0.1 if self.on_demand else self.batcher.max_wait_s - self.batcher.age()
             wait_ms = int(min(max(due_in, 0.0), 0.1) * 1000)
         t0 = time.perf_counter()
         try:
@@ -324,7 +325,10 @@ class ConsumerThread:
 
     def _close_if_due(self) -> None:
         limit_reached = self._limit is not None and self.consumed >= self._limit
-        if self.batcher.due() or ((self._wanted or self._stopping or limit_reached) and self.batcher.pending()):
+        # on demand, the batch grows while the loop is busy and closes when it asks (or when full): its size follows
+        # the loop's pace; else it closes at max_events or max_wait
+        due = self.batcher.room() == 0 if self.on_demand else self.batcher.due()
+        if due or ((self._wanted or self._stopping or limit_reached) and self.batcher.pending()):
             self._close()
         if self._room() > 0:
             self._blocked_since = None
