@@ -157,8 +157,13 @@ def held_out_ranks(
     users, items = users[known], items[known]
     distinct, inverse = np.unique(users, return_inverse=True)
     pos, had = g.log.targets_of(distinct)  # every item each user has had: served queries exclude them
-    width = np.int64(g.n_rows(g.item_type) + 1)
-    pick = np.flatnonzero(~np.isin(inverse * width + items, pos * width + had))  # events new to their user
+    n_rows = g.n_rows(g.item_type)
+    # events new to their user; only history entries of the batch's items can match (a heavy user's history is long)
+    in_batch = np.zeros(n_rows, dtype=bool)
+    in_batch[items] = True
+    hit = in_batch[had]
+    width = np.int64(n_rows + 1)
+    pick = np.flatnonzero(~np.isin(inverse * width + items, pos[hit] * width + had[hit]))
     if len(pick) > n_events:
         pick = np.sort(rng.choice(pick, n_events, replace=False))
     if not len(pick):
@@ -172,16 +177,17 @@ def held_out_ranks(
     blocks = [q @ k.T for q, k in zip(model.query_blocks(users), model.key_blocks(columns))]
     excluded = np.ones((len(items), len(columns)), dtype=bool)
     excluded[:, len(items) :] = pool[None, :] == items[:, None]
-    column = np.full(g.n_rows(g.item_type), -1, dtype=np.int64)
+    column = np.full(n_rows, -1, dtype=np.int64)
     column[pool] = np.arange(len(pool)) + len(items)
-    # the user's items so far do not compete: each event gets every (user, item) edge of its user
+    # the user's items so far do not compete: each event gets its user's history edges that land in the pool
+    in_pool = column[had] >= 0
+    pos, had = pos[in_pool], had[in_pool]
     order = np.argsort(pos, kind="stable")
     had_sorted, counts = had[order], np.bincount(pos, minlength=len(distinct))
     first = np.r_[0, np.cumsum(counts)[:-1]]
     per_event = counts[inverse]
     event = np.repeat(np.arange(len(items)), per_event)
     offset = np.arange(int(per_event.sum())) - np.repeat(np.cumsum(per_event) - per_event, per_event)
-    cols = column[had_sorted[np.repeat(first[inverse], per_event) + offset]]
-    excluded[event[cols >= 0], cols[cols >= 0]] = True
+    excluded[event, column[had_sorted[np.repeat(first[inverse], per_event) + offset]]] = True
     ranks = candidate_ranks(blocks, np.arange(len(items)), excluded, candidates)
     return ranks, users, max(20.0 * len(pool) / max(n_known, 1), 1.0)
