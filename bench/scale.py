@@ -558,7 +558,8 @@ def graph_report(run: Run, graph: list[dict[str, Any]], provenance: dict[str, An
         verdict = "within" if abs(b / a - 1) <= 0.2 else "outside"
         run.payload["notes"].append(
             f"Graph sweep, {variant}, smallest → largest graph: total µs/event {change('total_us_per_event')}, "
-            f"{verdict} the ±20% target of issue 12. Parts: steady {change('steady_us_per_event')} (train alone "
+            f"{verdict} the ±20% target (cost per event flat from 10k to 1M live nodes). "
+            f"Parts: steady {change('steady_us_per_event')} (train alone "
             f"{change('train_us_per_event')}), amortised refit {change('refit_us_per_event')}; with the interval at "
             f"{GROWTH:.0%} of the edges the amortised refit is {1 / GROWTH:.0f} × the refit's cost per edge, "
             f"{change('refit_us_per_edge')} "
