@@ -1,6 +1,7 @@
 """Renders every bench/results/*.json as Markdown: each suite's own page (bench/results/<suite>.md), all of them on
 one page (bench/results/RESULTS.md), and the generated blocks of the docs that show results (docs/benchmarks.md,
-docs/scaling.md): whatever sits between ``<!-- results:start SUITE[,SUITE...] -->`` and ``<!-- results:end -->``.
+docs/scaling.md, the README's targets): whatever sits between ``<!-- results:start SUITE[,SUITE...] -->`` and
+``<!-- results:end -->`` (the pseudo-suite ``targets`` is ``bench.targets``' table).
 
 Usage: ``python -m bench.report`` (the last step of ``make bench``), so no number in the docs is typed by hand.
 ``--out DIR`` reads and writes another results directory; ``--docs DIR`` is the docs directory to update
@@ -19,10 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import targets
 from bench.output import RESULTS_DIR, fmt, machine_info, markdown_table, render_markdown
 
 ORDER = ["quality", "throughput", "freshness", "scale"]
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
+README = DOCS_DIR.parent / "README.md"  # its targets block
 BLOCK = re.compile(r"(<!-- results:start ([\w/,]+) -->\n)(.*?)(<!-- results:end -->)", re.DOTALL)
 
 
@@ -145,8 +148,13 @@ def suite_summary(name: str, results_dir: Path, link_prefix: str) -> str:
 def spliced(text: str, results_dir: Path, link_prefix: str) -> str:
     """``text`` with every results block regenerated from ``results_dir`` (links to it start with ``link_prefix``)."""
 
+    def section(name: str) -> str:
+        if name == "targets":
+            return targets.render(results_dir, link_prefix)
+        return suite_summary(name, results_dir, link_prefix)
+
     def block(match: re.Match[str]) -> str:
-        sections = [suite_summary(name, results_dir, link_prefix) for name in match.group(2).split(",")]
+        sections = [section(name) for name in match.group(2).split(",")]
         body = "\n".join(s for s in sections if s)
         return f"{match.group(1)}\n{body}\n{match.group(4)}"
 
@@ -191,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(out)
     docs = args.docs or (DOCS_DIR if results.resolve() == RESULTS_DIR.resolve() else None)
     if docs is not None:
-        for doc in sorted(docs.glob("*.md")):
-            if splice_doc(doc, results):
+        for doc in [*sorted(docs.glob("*.md")), README]:
+            if doc.exists() and splice_doc(doc, results):
                 print(doc)
     return 0
 

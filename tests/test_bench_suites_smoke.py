@@ -177,11 +177,13 @@ def test_the_docs_and_suite_pages_show_what_bench_report_renders_from_the_commit
     from bench import report
     from bench.output import RESULTS_DIR, render_markdown
 
-    docs = [doc for doc in sorted(report.DOCS_DIR.glob("*.md")) if report.BLOCK.search(doc.read_text())]
-    assert {doc.name for doc in docs} >= {"benchmarks.md", "scaling.md"}
+    docs = [
+        doc for doc in [*sorted(report.DOCS_DIR.glob("*.md")), report.README] if report.BLOCK.search(doc.read_text())
+    ]
+    assert {doc.name for doc in docs} >= {"benchmarks.md", "scaling.md", "README.md"}
     for doc in docs:
-        text = doc.read_text()
-        assert report.spliced(text, RESULTS_DIR, "../bench/results/") == text, f"{doc.name}: run python -m bench.report"
+        text, prefix = doc.read_text(), "bench/results/" if doc == report.README else "../bench/results/"
+        assert report.spliced(text, RESULTS_DIR, prefix) == text, f"{doc.name}: run python -m bench.report"
     for path in [*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("*/*.json")]:
         payload = json.loads(path.read_text())
         if "tables" in payload and "command" in payload:
@@ -247,3 +249,29 @@ def test_quality_rows_name_every_setting_that_differs_from_the_shipped_defaults(
         for f in families:
             assert ("graph = user_user" in f.name) == (f.settings.get("graph") == "user_user"), f.name
             assert f.name == SHIPPED or f.settings or f.batch_size, f"{f.name}: a variant that changes nothing"
+
+
+def test_targets_are_computed_from_the_results_and_say_missed_below_a_target(tmp_path: Path) -> None:
+    """The README's targets table: a default under its no-steps variant on cold users, or a Gowalla recall under
+    0.183, is printed as missed with the measured figure; a met one as met."""
+    from bench import targets
+
+    def method(role: str, all_: float, cold: float) -> dict:
+        return {"role": role, "all": {"recall": all_}, "cold": {"recall": cold}}
+
+    methods = {
+        targets.SHIPPED: method("default", 0.20, 0.10),
+        targets.NO_STEPS: method("variant", 0.19, 0.099),
+        "some peer": method("peer", 0.10, 0.12),
+    }
+    (tmp_path / "quality.json").write_text(json.dumps({"results": {"stream": {"methods": methods}}}))
+    rows = [
+        {"variant": "default", "recall@20": 0.17, "ndcg@20": 0.16},
+        {"variant": "default-no-steps", "recall@20": 0.1, "ndcg@20": 0.08},
+    ]
+    (tmp_path / "gowalla.json").write_text(json.dumps({"results": rows}))
+    table = targets.render(tmp_path)
+    assert "| stream: default ÷ no gradient steps ≥ 1.00 (all), ≥ 1.03 (cold) | 1.053 / 1.010 | **missed** |" in table
+    assert "| stream: default ÷ best peer ≥ 1.10 (all), ≥ 1.00 (cold) | 2.000 / 0.833 | **missed** |" in table
+    assert "| Gowalla Recall@20 ≥ 0.183, NDCG@20 ≥ 0.155 | 0.1700 / 0.1600 | **missed** |" in table
+    assert "| Gowalla: default ÷ no gradient steps ≥ 1.5 | 1.70 | met |" in table
