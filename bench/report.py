@@ -199,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(out)
     docs = args.docs or (DOCS_DIR if results.resolve() == RESULTS_DIR.resolve() else None)
     if docs is not None:
-        for doc in [*sorted(docs.glob("*.md")), README]:
+        readme = [README] if docs.resolve() == DOCS_DIR.resolve() else []  # the repository's README with its docs
+        for doc in [*sorted(docs.glob("*.md")), *readme]:
             if doc.exists() and splice_doc(doc, results):
                 print(doc)
     return 0
